@@ -1,0 +1,89 @@
+"""Config blocks every experiment shares; an experiment file overrides what differs."""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def optimizer(lr: float, *, warmup_steps: int = 0, b1: float = 0.9, b2: float = 0.999,
+              weight_decay: float = 0.0, grad_clip: float = 1.0) -> ml_collections.ConfigDict:
+  """AdamW with linear warm-up and global-norm clipping (stages/common.py)."""
+  return ml_collections.ConfigDict(dict(lr=lr, warmup_steps=warmup_steps, b1=b1, b2=b2,
+                                        weight_decay=weight_decay, grad_clip=grad_clip))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key a run reads, with defaults; experiments change values, never add keys."""
+  c = ml_collections.ConfigDict()
+  c.name = "base"
+  c.seed = 0
+  c.stages = ("teacher", "trajectory", "distribution", "eval")
+  # Mesh ('data', 'fsdp'); -1 takes all devices the other axis leaves.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  # (regex over parameter paths, 'fsdp' | 'replicate'); first match wins (sharding.py).
+  c.sharding_rules = ((".*", "fsdp"),)
+  # Steps whose loss or gradient is not finite are skipped; this many logged in a row stop the run.
+  c.max_consecutive_nonfinite = 20
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="digits8x8",  # 'digits8x8', '8gaussians', '25gaussians'
+      # tfds data dir where embedded sets are built; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
+      data_dir="",
+      seed=0,  # toy sets only: the seed of their fixed training set
+      unconditional=False))  # drop the labels: one class (toy 2-D mode-collapse studies)
+
+  # The network: `name` ('dit' | 'mlp') and that module's fields (models/registry.py).
+  # feature_layers: the blocks whose tokens the discriminator reads.
+  c.model = ml_collections.ConfigDict(dict(
+      name="dit", input_size=8, in_channels=1, patch_size=2,
+      hidden_size=64, depth=4, num_heads=4, mlp_ratio=4.0, num_classes=10,
+      class_dropout_prob=0.1, feature_layers=(1, 3), dtype="float32", param_dtype="float32",
+      remat=False))
+
+  # Stage 0: the teacher, trained by flow matching.
+  c.teacher = ml_collections.ConfigDict(dict(
+      num_steps=4000, batch_size=64, log_every=200, checkpoint_every=1000, keep=2,
+      ema_decay=0.999, t_mu=0.0, t_sigma=1.0, optimizer=optimizer(1e-3, warmup_steps=200)))
+
+  # Stage 1: MeanFlow trajectory distillation (METHOD.md).
+  c.trajectory = ml_collections.ConfigDict(dict(
+      num_steps=1500, batch_size=64, log_every=100, checkpoint_every=500, keep=2,
+      ema_decay=0.999,
+      rt_mu=-0.4, rt_sigma=1.0,  # [MeanFlow] logit-normal(-0.4, 1.0) for (r, t)
+      equal_fraction=0.75,  # [MeanFlow] share of samples with r = t
+      adaptive_p=1.0, adaptive_eps=1e-3,  # [MeanFlow] adaptive loss weight
+      cfg_scale=1.5, cfg_interval=config_dict.placeholder(tuple),  # teacher's guidance of v_T
+      jvp_dtype="float32",
+      optimizer=optimizer(3e-4, warmup_steps=100)))
+
+  # Stage 2: DMD + adversarial term with the AWD (METHOD.md).
+  c.distribution = ml_collections.ConfigDict(dict(
+      num_steps=400, batch_size=64, log_every=50, checkpoint_every=200, keep=2,
+      ema_decay=0.99,
+      init_from="trajectory",  # 'teacher' = DMD only (ablation: no stage 1)
+      update_ratio=2,  # k critic updates per generator update ([DMD2]: 5 on ImageNet)
+      dmd_weight=1.0,
+      gen_adv_weight=3e-3, disc_weight=1e-2,  # [DMD2] ImageNet weights of G's and D's GAN terms
+      regulariser_weight=0.0,  # weight of the stage-1 MeanFlow loss kept in stage 2
+      cfg_scale=1.5, cfg_interval=config_dict.placeholder(tuple),  # real score's guidance
+      dmd_t_min=0.02, dmd_t_max=0.98,  # [DMD2] noise levels of the DMD gradient
+      disc_t_min=0.02, disc_t_max=0.98,
+      fake_t_mu=0.0, fake_t_sigma=1.0,  # fake network's flow-matching time density
+      discriminator=ml_collections.ConfigDict(dict(
+          pooling="awd",  # 'awd' (token weights) or 'mean' (standard head)
+          features="fake",  # token features of 'fake' (DMD2) or the frozen 'teacher' (FastGen)
+          hidden=64,
+          tau=1.0)),  # softmax temperature of the AWD token weights
+      optimizer=optimizer(1e-4, warmup_steps=0, b1=0.0, b2=0.99),
+      fake_optimizer=optimizer(1e-4, warmup_steps=0, b1=0.0, b2=0.99),
+      disc_optimizer=optimizer(1e-4, warmup_steps=0, b1=0.0, b2=0.99)))
+
+  # Sample grids: the same noise and labels for every stage.
+  c.sample = ml_collections.ConfigDict(dict(
+      grid_size=100, teacher_steps=50, teacher_method="euler", cfg_scale=1.5,
+      cfg_interval=config_dict.placeholder(tuple)))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      num_samples=1000, batch_size=500,
+      teacher_steps=(50, 1, 2, 4), student_steps=(1, 2)))
+  return c

@@ -1,0 +1,23 @@
+"""The embedded default: class-conditional 8x8 digits that scikit-learn ships; no download.
+
+A DiT of width 64, depth 4, 4 heads, patch 2 (16 tokens, 0.3M parameters). The whole chain
+(teacher, stage 1, stage 2, eval) runs on a 2-core laptop CPU in minutes.
+Variants (the arg after the colon): 'tiny' shrinks every stage to a few steps, for tests.
+"""
+from experiments.common import base_config
+
+
+def get_config(arg=None):
+  c = base_config()
+  c.name = "digits"
+  if arg == "tiny":
+    for stage in (c.teacher, c.trajectory, c.distribution):
+      stage.num_steps, stage.batch_size = 4, 16
+      stage.log_every, stage.checkpoint_every = 2, 2
+    c.model.update(hidden_size=32, depth=2, num_heads=2, feature_layers=(0, 1))
+    c.distribution.discriminator.hidden = 16
+    c.sample.update(grid_size=20, teacher_steps=4)
+    c.eval.update(num_samples=64, batch_size=32, teacher_steps=(4, 1), student_steps=(1,))
+  elif arg:
+    raise ValueError(f"experiments/digits.py: unknown variant {arg!r}; use 'tiny' or nothing.")
+  return c

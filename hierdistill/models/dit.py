@@ -1,0 +1,413 @@
+"""DiT/SiT backbone with (t, t - r) conditioning: teacher v(z, t | y) and student u(z, r, t | y).
+
+One class serves both roles. A teacher (interval_conditioning=False) is a plain DiT; a student
+(interval_conditioning=True) adds an interval embedder h_emb(t - r) whose last Dense is zero at
+init, and is initialised by `init_student_from_teacher`, so at step 0 u(z, r, t | y) equals the
+teacher's v(z, t | y) exactly for every r.
+
+The layout follows DiT (Peebles & Xie 2023) so that published DiT/SiT checkpoints map onto it one
+parameter at a time (param tree below); only the data layout differs (NHWC here). Param tree:
+
+  x_embedder/{kernel (p, p, C, D), bias}              patch embedding (conv, kernel = stride = p)
+  t_embedder/{mlp_0, mlp_2}/{kernel, bias}            time embedder
+  interval_embedder/{mlp_0, mlp_2}/{kernel, bias}     students only; mlp_2 zero at init
+  y_embedder/embedding_table/embedding (K + 1, D)     labels, row K = null label
+  blocks_{i}/adaLN_modulation/{kernel (D, 6D), bias}  order: shift, scale, gate (attn), same (mlp)
+  blocks_{i}/attn/{qkv (D, 3D), proj (D, D)}/{kernel, bias}
+  blocks_{i}/mlp/{fc1, fc2}/{kernel, bias}
+  final_layer/adaLN_modulation/{kernel (D, 2D), bias}  order: shift, scale
+  final_layer/linear/{kernel (D, p*p*C_out), bias}    output channels ordered (p, q, c)
+
+The position embedding is a fixed 2-D sin-cos table (not a param), as in DiT.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax import traverse_util
+
+from hierdistill.models.embeddings import (LabelEmbedder, TimestepEmbedder, accumulation_dtype,
+                                          interval_of, to_float)
+
+Array = jax.Array
+Dtype = Any
+
+# Named sizes of the DiT paper (Table 1); the patch size comes from the name's "/p" suffix.
+DIT_SIZES: Dict[str, Dict[str, int]] = {
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+}
+_SIZE_NAME = re.compile(r"^(?:(?:dit|sit)-)?(s|b|l|xl)(?:/(\d+))?$", re.IGNORECASE)
+
+ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "auto")
+
+# DiT's initialisers: xavier-uniform Linear kernels with zero bias.
+_XAVIER = nn.initializers.xavier_uniform()
+_ZEROS = nn.initializers.zeros
+# The patch conv is initialised as the Linear it is, over the flattened (p * p * C) input: fan_out
+# is D, not D * p * p as Flax's conv-aware xavier would count it.
+_PATCH_INIT = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2),
+                                               out_axis=-1)
+
+
+def dit_config(name: str) -> Dict[str, int]:
+  """Sizes of a named model: 'S', 'B', 'L', 'XL', optionally '/p' and a 'DiT-'/'SiT-' prefix.
+
+  dit_config('DiT-XL/2') == {'depth': 28, 'hidden_size': 1152, 'num_heads': 16, 'patch_size': 2}.
+  Without '/p' the result has no 'patch_size' key.
+  """
+  match = _SIZE_NAME.match(name.strip())
+  if match is None:
+    raise ValueError(f"Unknown DiT size {name!r}: expected [DiT-|SiT-]{{{','.join(DIT_SIZES)}}}"
+                     f"[/2|/4|/8], e.g. 'DiT-XL/2'.")
+  size = dict(DIT_SIZES[match.group(1).upper()])
+  if match.group(2) is not None:
+    patch = int(match.group(2))
+    if patch not in (2, 4, 8):
+      raise ValueError(f"Unknown DiT patch size /{patch} in {name!r}: valid are /2, /4, /8.")
+    size["patch_size"] = patch
+  return size
+
+
+def sincos_pos_embed_2d(hidden_size: int, grid_size: int) -> np.ndarray:
+  """DiT's fixed 2-D sin-cos position table: (grid_size^2, hidden_size) float32.
+
+  Tokens are numbered row-major (row i, column j -> i * grid_size + j). The first half of the
+  features encodes the column j, the second half the row i, each as [sin | cos] over
+  hidden_size / 4 frequencies 10000^(-k / (hidden_size / 4)): the exact table DiT/SiT were
+  trained with, which importers do not carry (it is a buffer there, a constant here).
+  """
+  if hidden_size % 4:
+    raise ValueError(f"hidden_size={hidden_size} must be divisible by 4 for the 2-D sin-cos "
+                     "position embedding.")
+
+  def embed_1d(pos: np.ndarray, dim: int) -> np.ndarray:
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    args = np.outer(pos.reshape(-1), omega)
+    return np.concatenate([np.sin(args), np.cos(args)], axis=1)
+
+  rows, cols = np.meshgrid(np.arange(grid_size, dtype=np.float64),
+                           np.arange(grid_size, dtype=np.float64), indexing="ij")
+  emb = np.concatenate([embed_1d(cols, hidden_size // 2), embed_1d(rows, hidden_size // 2)], 1)
+  return emb.astype(np.float32)
+
+
+def _modulate(x: Array, shift: Array, scale: Array) -> Array:
+  """adaLN: x (B, N, D) scaled and shifted per sample by (B, 1, D) arrays."""
+  return x * (1 + scale) + shift
+
+
+def _layer_norm(dtype: Dtype, name: Optional[str] = None) -> nn.LayerNorm:
+  # No affine params: adaLN supplies the scale and shift (DiT's elementwise_affine=False).
+  return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=dtype, name=name)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a fused qkv projection (DiT/timm layout).
+
+  implementation: 'einsum' (default) is plain XLA ops with a float32 softmax, which jax.jvp
+  traces (MeanFlow's du/dt needs forward mode). 'xla' calls jax.nn.dot_product_attention with
+  implementation='xla' (also JVP-safe). 'auto' lets JAX pick a fused kernel (cuDNN on GPU): use it
+  only for networks never differentiated in forward mode (e.g. a frozen teacher), since fused
+  kernels with a custom_vjp have no JVP (PITFALLS.md).
+  """
+  hidden_size: int
+  num_heads: int
+  implementation: str = "einsum"
+  dtype: Optional[Dtype] = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """x: (B, N, D). Returns (B, N, D) in the compute dtype."""
+    b, n, d = x.shape
+    head_dim = d // self.num_heads
+    qkv = nn.Dense(3 * d, kernel_init=_XAVIER, bias_init=_ZEROS, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name="qkv")(x)
+    # (B, N, 3, H, hd): the order of torch's qkv.reshape(B, N, 3, H, hd), so imports map 1:1.
+    qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if self.implementation == "einsum":
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
+                          preferred_element_type=accumulation_dtype(q.dtype))
+      # Softmax in float32 whatever the compute dtype: bf16 logits saturate the exponentials.
+      weights = jax.nn.softmax(logits * head_dim ** -0.5, axis=-1).astype(v.dtype)
+      out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    else:
+      impl = "xla" if self.implementation == "xla" else None
+      out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
+    out = out.reshape(b, n, d)
+    return nn.Dense(d, kernel_init=_XAVIER, bias_init=_ZEROS, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name="proj")(out)
+
+
+class FeedForward(nn.Module):
+  """Dense -> GELU(tanh) -> Dense, DiT's Mlp (params fc1, fc2)."""
+  hidden_size: int
+  mlp_ratio: float = 4.0
+  dtype: Optional[Dtype] = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """x: (B, N, D). Returns (B, N, D) in the compute dtype."""
+    h = nn.Dense(int(self.hidden_size * self.mlp_ratio), kernel_init=_XAVIER, bias_init=_ZEROS,
+                 dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
+    h = nn.gelu(h, approximate=True)
+    return nn.Dense(self.hidden_size, kernel_init=_XAVIER, bias_init=_ZEROS, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name="fc2")(h)
+
+
+class DiTBlock(nn.Module):
+  """adaLN-Zero transformer block: the modulation Dense starts at zero, so a new block is the
+  identity (its gates are 0)."""
+  hidden_size: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  attention: str = "einsum"
+  dtype: Optional[Dtype] = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, c: Array) -> Array:
+    """x: (B, N, D) residual stream (float32); c: (B, D) conditioning. Returns x's dtype."""
+    mod = nn.Dense(6 * self.hidden_size, kernel_init=_ZEROS, bias_init=_ZEROS, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name="adaLN_modulation")(nn.silu(c))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(
+        mod[:, None, :], 6, axis=-1)
+    h = _modulate(_layer_norm(self.dtype)(x), shift_msa, scale_msa)
+    h = Attention(self.hidden_size, self.num_heads, self.attention, dtype=self.dtype,
+                  param_dtype=self.param_dtype, name="attn")(h)
+    # The residual stream stays float32: a bf16 stream would round every one of the 2 * depth
+    # additions; the matmuls, where the time goes, still run in the compute dtype.
+    x = x + (gate_msa * h).astype(x.dtype)
+    h = _modulate(_layer_norm(self.dtype)(x), shift_mlp, scale_mlp)
+    h = FeedForward(self.hidden_size, self.mlp_ratio, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name="mlp")(h)
+    return x + (gate_mlp * h).astype(x.dtype)
+
+
+class FinalLayer(nn.Module):
+  """adaLN (zero-init) then a zero-init Dense to p * p * C_out per token."""
+  hidden_size: int
+  patch_size: int
+  out_channels: int
+  dtype: Optional[Dtype] = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, c: Array) -> Array:
+    """x: (B, N, D), c: (B, D). Returns (B, N, p * p * C_out) in the compute dtype."""
+    mod = nn.Dense(2 * self.hidden_size, kernel_init=_ZEROS, bias_init=_ZEROS, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name="adaLN_modulation")(nn.silu(c))
+    shift, scale = jnp.split(mod[:, None, :], 2, axis=-1)
+    x = _modulate(_layer_norm(self.dtype)(x), shift, scale)
+    return nn.Dense(self.patch_size ** 2 * self.out_channels, kernel_init=_ZEROS,
+                    bias_init=_ZEROS, dtype=self.dtype, param_dtype=self.param_dtype,
+                    name="linear")(x)
+
+
+class DiT(nn.Module):
+  """DiT/SiT velocity network u(z, r, t | y) on NHWC latents.
+
+  Fields:
+    input_size: H = W of the input.           in_channels: C of the input.
+    patch_size, hidden_size (D), depth, num_heads, mlp_ratio: the transformer (see dit_config).
+    num_classes: K; labels are in [0, K) and K is the null label (the table has K + 1 rows).
+    class_dropout_prob: label dropout to the null label when train=True (for CFG).
+    out_channels: channels of the final layer; None -> in_channels. DiT/SiT checkpoints use
+      2 * in_channels ("learn_sigma"); the call then returns only the first in_channels, the
+      prediction.
+    interval_conditioning: True for students (adds the zero-init interval embedder).
+    feature_layers: block indices (negative counts from the end) whose outputs
+      return_features=True returns; None = every block.
+    remat: rematerialise each block in the backward pass (memory for compute).
+    attention: 'einsum' (default, JVP-safe), 'xla' or 'auto' (see Attention).
+    dtype: compute dtype of the matmuls (e.g. jnp.bfloat16); param_dtype: storage dtype.
+    time_scale, time_flip: how t reaches the time embedder (see `time_embedding_input`).
+    interval_scale: the interval embedder reads interval_scale * (t - r).
+    frequency_size: number of sinusoidal features of the time/interval embedders (DiT: 256).
+  """
+  input_size: int = 32
+  in_channels: int = 4
+  patch_size: int = 2
+  hidden_size: int = 1152
+  depth: int = 28
+  num_heads: int = 16
+  mlp_ratio: float = 4.0
+  num_classes: int = 1000
+  class_dropout_prob: float = 0.1
+  out_channels: Optional[int] = None
+  interval_conditioning: bool = False
+  feature_layers: Optional[Tuple[int, ...]] = None
+  remat: bool = False
+  attention: str = "einsum"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  time_scale: float = 1000.0
+  time_flip: bool = False
+  interval_scale: float = 1000.0
+  frequency_size: int = 256
+
+  @property
+  def grid_size(self) -> int:
+    return self.input_size // self.patch_size
+
+  @property
+  def num_tokens(self) -> int:
+    return self.grid_size ** 2
+
+  @property
+  def resolved_out_channels(self) -> int:
+    return self.in_channels if self.out_channels is None else self.out_channels
+
+  def resolved_feature_layers(self) -> Tuple[int, ...]:
+    """feature_layers as non-negative block indices, validated."""
+    layers = tuple(range(self.depth)) if self.feature_layers is None else self.feature_layers
+    out = []
+    for i in layers:
+      if not -self.depth <= i < self.depth:
+        raise ValueError(f"feature_layers contains {i}, outside the {self.depth} blocks.")
+      out.append(i % self.depth)
+    return tuple(out)
+
+  def time_embedding_input(self, t: Array) -> Array:
+    """THE one place mapping our t (t = 1 noise) to the time embedder's input.
+
+    DiT: 1000 t (time_scale=1000). SiT embeds its own t' = 1 - t in [0, 1]: time_scale=1.0,
+    time_flip=True. (SiT's velocity x - e is the negative of ours: an importer negates
+    final_layer/linear, not this mapping.)
+    """
+    t = to_float(t)
+    return self.time_scale * ((1.0 - t) if self.time_flip else t)
+
+  def _check(self, z: Array) -> None:
+    if self.input_size % self.patch_size:
+      raise ValueError(f"input_size={self.input_size} is not divisible by "
+                       f"patch_size={self.patch_size}.")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
+                       f"num_heads={self.num_heads}.")
+    if self.resolved_out_channels < self.in_channels:
+      raise ValueError(f"out_channels={self.out_channels} < in_channels={self.in_channels}.")
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"attention={self.attention!r}; valid: {ATTENTION_IMPLEMENTATIONS}.")
+    expected = (self.input_size, self.input_size, self.in_channels)
+    if z.ndim != 4 or tuple(z.shape[1:]) != expected:
+      raise ValueError(f"DiT expects z of shape (B, {expected[0]}, {expected[1]}, "
+                       f"{expected[2]}) (NHWC); got {z.shape}.")
+
+  def conditioning(self, r: Optional[Array], t: Array, y: Optional[Array], train: bool) -> Array:
+    """c = t_emb(t) + y_emb(y) [+ h_emb(t - r)]: (B, D) float32. Call from __call__ only (its
+    submodules attach to the compact scope)."""
+    batch = t.shape[0]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    c = TimestepEmbedder(self.hidden_size, self.frequency_size, name="t_embedder", **kw)(
+        self.time_embedding_input(t))
+    c = c + LabelEmbedder(self.num_classes, self.hidden_size, self.class_dropout_prob,
+                          name="y_embedder", **kw)(y, batch, train)
+    if self.interval_conditioning:
+      # Zero output at init: the student's c is then exactly the teacher's, for every r.
+      c = c + TimestepEmbedder(self.hidden_size, self.frequency_size, zero_init_output=True,
+                               name="interval_embedder", **kw)(
+                                   self.interval_scale * interval_of(r, t))
+    return c
+
+  @nn.compact
+  def __call__(self, z: Array, r: Optional[Array], t: Array, y: Optional[Array], *,
+               train: bool = False, return_features: bool = False
+               ) -> Union[Array, Tuple[Array, List[Array]]]:
+    """Mean velocity over [r, t] (with r = t, or r = None: the instantaneous velocity).
+
+    z: (B, H, W, C) NHWC; r, t: (B,) floats in [0, 1] (r = None means r = t); y: (B,) int labels,
+    num_classes = null (None = all null). train=True enables label dropout (needs a 'dropout'
+    rng). Returns the velocity (B, H, W, C) float32, or (velocity, features) with features a list
+    of (B, N, D) float32 block outputs, one per entry of feature_layers, N = (H / p)^2. (float32
+    whatever the compute dtype; float64 only for a model with dtype=float64 under x64.)
+    """
+    self._check(z)
+    t = jnp.broadcast_to(to_float(t), (z.shape[0],))
+    acc = accumulation_dtype(self.dtype)  # float32 (float64 for a float64 model)
+    c = self.conditioning(r, t, y, train)
+    p, g, d = self.patch_size, self.grid_size, self.hidden_size
+
+    x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", kernel_init=_PATCH_INIT,
+                bias_init=_ZEROS, dtype=self.dtype, param_dtype=self.param_dtype,
+                name="x_embedder")(z)
+    x = x.reshape(z.shape[0], g * g, d).astype(acc)
+    x = x + jnp.asarray(sincos_pos_embed_2d(d, g), acc)[None]
+
+    block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+    wanted = self.resolved_feature_layers() if return_features else ()
+    outputs = []  # unused ones cost nothing: XLA drops what the result does not read
+    for i in range(self.depth):
+      x = block_cls(d, self.num_heads, self.mlp_ratio, self.attention, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name=f"blocks_{i}")(x, c)
+      outputs.append(x)
+
+    c_out = self.resolved_out_channels
+    out = FinalLayer(d, p, c_out, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="final_layer")(x, c)
+    velocity = unpatchify(out, p, c_out)[..., :self.in_channels].astype(acc)
+    if not return_features:
+      return velocity
+    return velocity, [outputs[i] for i in wanted]
+
+
+def unpatchify(x: Array, patch_size: int, channels: int) -> Array:
+  """(B, N, p * p * C) tokens, features ordered (p, q, c) as DiT's, -> (B, H, W, C) NHWC."""
+  b, n, _ = x.shape
+  g = int(round(n ** 0.5))
+  x = x.reshape(b, g, g, patch_size, patch_size, channels)
+  x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))  # (B, row, p, col, q, C)
+  return x.reshape(b, g * patch_size, g * patch_size, channels)
+
+
+def _path_str(path: Sequence[str]) -> str:
+  return "/".join(str(k) for k in path)
+
+
+def init_student_from_teacher(student_params: Any, teacher_params: Any) -> Dict[str, Any]:
+  """Copies every teacher param into the student's tree; the student's extras (the interval
+  embedder) keep their fresh (zero-output) values.
+
+  Both trees are raw param trees (the 'params' collection, or the {'params': ...} variables
+  dict for both). Values are cast to the student's leaf dtype. Returns a new nested dict.
+  Raises ValueError naming the first teacher path that the student lacks or whose shape differs.
+  """
+  student = traverse_util.flatten_dict(_to_dict(student_params))
+  teacher = traverse_util.flatten_dict(_to_dict(teacher_params))
+  out = dict(student)
+  for path in sorted(teacher, key=_path_str):
+    value = teacher[path]
+    if path not in student:
+      raise ValueError(f"init_student_from_teacher: the student has no param "
+                       f"{_path_str(path)!r} (teacher shape {_shape(value)}); are the two models "
+                       "the same architecture?")
+    if _shape(value) != _shape(student[path]):
+      raise ValueError(f"init_student_from_teacher: shape mismatch at {_path_str(path)!r}: "
+                       f"teacher {_shape(value)} vs student {_shape(student[path])}.")
+    dtype = student[path].dtype
+    # Leave same-dtype leaves untouched: no copy, and their sharding is kept.
+    out[path] = value if value.dtype == dtype else jnp.asarray(value).astype(dtype)
+  return traverse_util.unflatten_dict(out)
+
+
+def _shape(x: Any) -> Tuple[int, ...]:
+  return tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
+
+
+def _to_dict(tree: Any) -> Dict[str, Any]:
+  """FrozenDict / Mapping -> plain nested dict (flatten_dict needs dicts all the way down)."""
+  if hasattr(tree, "unfreeze"):
+    return tree.unfreeze()
+  if isinstance(tree, dict):
+    return {k: _to_dict(v) for k, v in tree.items()}
+  return tree

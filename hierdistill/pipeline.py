@@ -1,0 +1,226 @@
+"""Runs the configured chain of stages: teacher -> trajectory (stage 1) -> distribution (stage 2)
+-> eval, each resumed from its own checkpoints and skipped when already finished.
+
+Handoffs (checkpoint.py holds the resume order): stage 1 starts from the teacher's EMA params;
+stage 2's generator from stage 1's final EMA params (or, for the DMD-only ablation, from the
+teacher directly), its fake network from the teacher, its discriminator fresh. The teacher is read,
+never re-saved.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hierdistill import checkpoint as ckpt_lib
+from hierdistill import models as models_lib
+from hierdistill import sharding as shard_lib
+from hierdistill.config_checks import STAGE_ORDER, validate_config
+from hierdistill.stages import loop
+from hierdistill.stages.distribution import DistributionStage
+from hierdistill.stages.teacher import TeacherStage
+from hierdistill.stages.trajectory import TrajectoryStage
+
+GRID_SALT = 0x9E1D  # the grid's noise and labels are the same in every stage and every run
+
+
+class Networks:
+  """The Flax modules of a run: teacher/fake network, student/generator, discriminator head."""
+
+  def __init__(self, config):
+    net = models_lib.build(config.model)
+    self.teacher = net.clone(interval_conditioning=False)
+    self.student = net.clone(interval_conditioning=True)
+    self.discriminator = models_lib.build_discriminator(config.distribution.discriminator,
+                                                        ignore=("features",))
+
+  def abstract_params(self, shape, student: bool):
+    """Shapes of the teacher's or the student's params, allocating nothing."""
+    net = self.student if student else self.teacher
+    x = jnp.zeros((1,) + tuple(shape), jnp.float32)
+    t = jnp.ones((1,))
+    return jax.eval_shape(
+        lambda: net.init(jax.random.PRNGKey(0), x, t if student else None, t,
+                         jnp.zeros((1,), jnp.int32))["params"])
+
+
+def build_stage(name: str, config, nets: Networks):
+  if name == "teacher":
+    return TeacherStage(config, nets.teacher)
+  if name == "trajectory":
+    return TrajectoryStage(config, nets.student, nets.teacher)
+  if name == "distribution":
+    return DistributionStage(config, nets.student, nets.teacher, nets.discriminator)
+  raise ValueError(f"unknown stage {name!r}; choose from {STAGE_ORDER}")
+
+
+def grid_inputs(config, data_shape) -> tuple[np.ndarray, np.ndarray]:
+  """Fixed noise and labels for the sample grids: each row cycles through the classes."""
+  n = int(config.sample.grid_size)
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), GRID_SALT)
+  noise = np.asarray(jax.random.normal(key, (n,) + tuple(data_shape)))
+  labels = np.arange(n, dtype=np.int32) % config.model.num_classes
+  return noise, labels
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def _exported_shapes(config, nets, dataset, mesh):
+  """stage -> (abstract params, shardings) of what that stage exports (its EMA params)."""
+
+  def shapes(stage: str):
+    abstract = nets.abstract_params(dataset.shape, student=stage != "teacher")
+    return abstract, shard_lib.state_shardings(abstract, mesh, config.sharding_rules)
+
+  return shapes
+
+
+def run(config, workdir: str) -> dict:
+  """Runs config.stages in order under `workdir`; returns a summary of what was done and where."""
+  from hierdistill import data as data_lib  # pylint: disable=g-import-not-at-top
+  from hierdistill.evaluation import grids  # pylint: disable=g-import-not-at-top
+  from hierdistill.stages import evaluate  # pylint: disable=g-import-not-at-top
+
+  validate_config(config)
+  mesh = shard_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
+  os.makedirs(workdir, exist_ok=True)
+  _write_config(config, workdir)
+  writer = _make_writer(workdir)
+  dataset = load_train_set(config.data)
+  _check_data_matches_model(dataset, config)
+  nets = Networks(config)
+  grid = grid_inputs(config, dataset.shape)
+  exported_shapes = _exported_shapes(config, nets, dataset, mesh)
+  # Images as a PNG grid, 2-D points as a scatter plot over the real data.
+  if len(dataset.shape) == 1:
+    save_grid = lambda points, path: grids.scatter_png([dataset.x, points], path)
+  else:
+    save_grid = grids.save_image_grid
+  summary: dict[str, Any] = {"workdir": os.path.abspath(workdir), "stages": {}}
+  t0 = time.time()
+
+  teacher_params = None
+  for name in config.stages:
+    if name == "eval":
+      continue
+    cfg = getattr(config, name)
+    stage_summary = summary["stages"].setdefault(name, {})
+    if teacher_params is None and name != "teacher":
+      teacher_params = ckpt_lib.load_export(workdir, "teacher", *exported_shapes("teacher"))
+    if ckpt_lib.is_finished(workdir, name, int(cfg.num_steps)):
+      print(f"[{name}] finished earlier ({cfg.num_steps} steps): skipped", flush=True)
+      stage_summary["status"] = "finished earlier"
+      continue
+    stage = build_stage(name, config, nets)
+    rows = getattr(stage, "examples_per_row", 1)
+    pipeline = data_lib.InMemoryPipeline(
+        dataset.x, dataset.y, global_batch_size=cfg.batch_size * rows,
+        seed=config.seed * 1000 + stage.stage_id,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    frozen = {} if name == "teacher" else {"teacher": teacher_params}
+    result = loop.run_stage(
+        stage, config=config, workdir=workdir, mesh=mesh, pipeline=pipeline, frozen=frozen,
+        init_inputs=_init_inputs(name, config, workdir, nets, dataset, exported_shapes,
+                                 teacher_params),
+        grid=grid, writer=writer, save_grid=save_grid)
+    stage_summary.update(status="trained", steps_run=result.steps_run,
+                         wall_time_s=round(result.wall_time_s, 1), samples=result.samples_path)
+    del result
+
+  if "eval" in config.stages:
+    summary["eval"] = evaluate.run_eval(config, workdir, nets=nets, dataset=dataset, mesh=mesh,
+                                        writer=writer, save_grid=save_grid,
+                                        abstract_params=exported_shapes)
+  writer.flush()
+  summary["wall_time_s"] = round(time.time() - t0, 1)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+    print(_format_summary(summary), flush=True)
+  return summary
+
+
+def _init_inputs(name, config, workdir, nets, dataset, exported_shapes, teacher):
+  """The handoff of stage `name`: a callable giving its params, or only their shapes."""
+
+  def student_from_teacher(teacher_params):
+    x = jnp.zeros((1,) + dataset.shape, jnp.float32)
+    t = jnp.ones((1,))
+    params = nets.student.init(jax.random.PRNGKey(0), x, t, t, jnp.zeros((1,), jnp.int32))
+    return models_lib.init_student_from_teacher(params["params"], teacher_params)
+
+  def inputs(abstract: bool):
+    if name == "teacher":
+      return {}
+    teacher_in = _abstract(teacher) if abstract else teacher
+    if name == "trajectory":
+      return {"teacher": teacher_in}
+    # Stage 2's generator: stage 1's final EMA params, or, for the DMD-only ablation
+    # (init_from='teacher'), the teacher itself as a student.
+    generator_shapes, generator_shardings = exported_shapes("trajectory")
+    if abstract:
+      generator = generator_shapes
+    elif config.distribution.init_from == "teacher":
+      generator = jax.jit(student_from_teacher, out_shardings=generator_shardings)(teacher)
+    else:
+      generator = ckpt_lib.load_export(workdir, "trajectory", generator_shapes,
+                                       generator_shardings)
+    return {"generator": generator, "teacher": teacher_in}
+
+  return inputs
+
+
+def data_dir_of(data_config) -> str:
+  """The tfds data dir: config.data.data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+  return (data_config.data_dir or os.environ.get("TFDS_DATA_DIR")
+          or os.path.expanduser("~/tensorflow_datasets"))
+
+
+def load_train_set(data_config):
+  """The training split in memory; with data.unconditional, every label is 0 of 1 class."""
+  from hierdistill import data as data_lib  # pylint: disable=g-import-not-at-top
+  ds = data_lib.load_dataset(data_config.name, "train", data_dir=data_dir_of(data_config),
+                             seed=data_config.seed)
+  if data_config.unconditional:
+    ds = data_lib.ArrayDataset(ds.name, ds.x, np.zeros_like(ds.y), 1, ds.shape)
+  return ds
+
+
+def _check_data_matches_model(dataset, config) -> None:
+  if dataset.num_classes != config.model.num_classes:
+    raise ValueError(
+        f"config.model.num_classes={config.model.num_classes} but the data set "
+        f"{config.data.name!r} has {dataset.num_classes} classes; set "
+        f"--config.model.num_classes={dataset.num_classes}.")
+
+
+def _write_config(config, workdir: str) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def _make_writer(workdir: str):
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  return metric_writers.create_default_writer(
+      os.path.join(workdir, "tensorboard"), just_logging=jax.process_index() > 0,
+      asynchronous=True)
+
+
+def _format_summary(summary: dict) -> str:
+  lines = [f"\nhierdistill finished in {loop.format_duration(summary['wall_time_s'])}; "
+           f"everything is under {summary['workdir']}"]
+  for name, s in summary["stages"].items():
+    extra = f", {s['wall_time_s']}s, samples: {s['samples']}" if s.get("samples") else ""
+    lines.append(f"  {name:<13} {s['status']}{extra}")
+  if "eval" in summary:
+    lines.append(f"  eval          metrics: {summary['eval'].get('metrics_path')}")
+  lines.append(f"  TensorBoard:  tensorboard --logdir {os.path.join(summary['workdir'], 'tensorboard')}")
+  return "\n".join(lines)

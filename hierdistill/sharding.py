@@ -1,0 +1,130 @@
+"""Meshes, partition rules and batch placement: the same code from one CPU to a pod.
+
+Mesh axes are ('data', 'fsdp'). Parameters and optimiser states are sharded over 'fsdp' by rules
+(regexes over parameter paths, kept in the config); the batch is split over both axes. Shardings
+are derived from `jax.eval_shape(init)`, so nothing is materialised before it is placed.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")
+
+# A rule maps a regex over '/'-joined parameter paths to 'fsdp' (shard the largest axis that
+# 'fsdp' divides) or 'replicate'. The first matching rule wins; unmatched leaves are replicated.
+DEFAULT_RULES = ((".*", "fsdp"),)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+  """A ('data', 'fsdp') mesh over all devices; -1 on one axis takes what the other leaves.
+
+  The axes are AxisType.Auto: the step functions are written for the compiler to propagate
+  shardings (jax.make_mesh defaults to Explicit axes in recent releases).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  if data == -1 and fsdp == -1:
+    raise ValueError("config.mesh: at most one of data and fsdp may be -1; set the other.")
+  if data == -1:
+    data = n // fsdp if fsdp > 0 and n % fsdp == 0 else 0
+  if fsdp == -1:
+    fsdp = n // data if data > 0 and n % data == 0 else 0
+  if data * fsdp != n:
+    raise ValueError(f"config.mesh: data={data} x fsdp={fsdp} does not match the {n} devices "
+                     f"here; make their product {n} (or set one of them to -1).")
+  return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(AxisType.Auto,) * 2,
+                       devices=devices)
+
+
+def _path_str(path) -> str:
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def _leaf_spec(path: str, shape: Sequence[int], rules, fsdp_size: int) -> P:
+  for pattern, action in rules:
+    if re.fullmatch(pattern, path) or re.search(pattern, path):
+      if action == "replicate" or fsdp_size == 1:
+        return P()
+      if action != "fsdp":
+        raise ValueError(f"config.sharding_rules: unknown action {action!r} for {pattern!r}; "
+                         "use 'fsdp' or 'replicate'.")
+      # Largest axis that the fsdp size divides; small leaves (biases, norms) stay replicated
+      # since sharding them saves nothing and costs a gather.
+      candidates = [(d, i) for i, d in enumerate(shape) if d % fsdp_size == 0 and d >= fsdp_size]
+      if not candidates or int(np.prod(shape)) < 2 ** 12:
+        return P()
+      _, axis = max(candidates)
+      spec = [None] * len(shape)
+      spec[axis] = "fsdp"
+      return P(*spec)
+  return P()
+
+
+def state_shardings(abstract_state, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedShardings for every leaf of an abstract (eval_shape) pytree, by the partition rules."""
+  fsdp_size = mesh.shape["fsdp"]
+
+  def one(path, leaf):
+    shape = getattr(leaf, "shape", ())
+    return NamedSharding(mesh, _leaf_spec(_path_str(path), shape, rules, fsdp_size))
+
+  return jax.tree_util.tree_map_with_path(one, abstract_state)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """The leading (batch) axis split over every device."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, key: str) -> None:
+  n = mesh.devices.size
+  if batch_size % n:
+    raise ValueError(f"{key}={batch_size} is not divisible by the {n} devices of the mesh; "
+                     f"use a multiple of {n}.")
+
+
+def put_batch(local_batch, mesh: Mesh):
+  """Global arrays from each process's slice of the batch (its rows of the leading axis)."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def with_shardings(abstract, shardings):
+  """ShapeDtypeStructs that carry shardings: the restore target orbax needs for a new mesh."""
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def maybe_initialize_distributed() -> None:
+  """jax.distributed.initialize when launched as several processes (cluster env detected).
+
+  On TPU pods and SLURM/GPU clusters jax finds the coordinator itself; a single process does
+  nothing. Call before any other jax call.
+  """
+  import os
+  if any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
+                                   "MEGASCALE_COORDINATOR_ADDRESS")):
+    try:
+      jax.distributed.initialize()
+    except RuntimeError as e:  # already initialised by the caller
+      if "already" not in str(e):
+        raise

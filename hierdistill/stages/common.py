@@ -1,0 +1,96 @@
+"""What every stage's train step shares: its state, optimiser, EMA and guarded update."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+  """One network being trained: the teacher (stage 0) or the student (stage 1)."""
+  step: Array
+  params: Any
+  opt_state: Any
+  ema_params: Any
+  rng: Array  # a raw uint32[2] key; each step folds its step number in
+
+
+def dtype_of(name: str):
+  """'float32' | 'bfloat16' -> the jnp dtype; the config names dtypes as strings."""
+  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+  if name not in dtypes:
+    raise ValueError(f"unknown dtype {name!r}; choose from {sorted(dtypes)}.")
+  return dtypes[name]
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+  """AdamW with linear warm-up to a constant rate and global-norm gradient clipping.
+
+  cfg: a stage's optimiser block (lr, warmup_steps, b1, b2, weight_decay, grad_clip).
+  """
+  schedule = optax.linear_schedule(0.0, cfg.lr, max(int(cfg.warmup_steps), 1))
+  schedule = optax.join_schedules(
+      [schedule, optax.constant_schedule(cfg.lr)], [max(int(cfg.warmup_steps), 1)])
+  return optax.chain(
+      optax.clip_by_global_norm(cfg.grad_clip),
+      optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
+  )
+
+
+def ema_update(ema_params, params, decay: float):
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p.astype(e.dtype), ema_params, params)
+
+
+def guarded_update(optimizer: optax.GradientTransformation, params, opt_state, grads,
+                   finite: Array):
+  """Applies the update only if `finite`; else keeps params and optimiser state as they were.
+
+  A non-finite loss or gradient (a spike, a bad batch) must not poison Adam's moments: the
+  step is skipped and counted instead (metrics 'skipped').
+  """
+  updates, new_opt_state = optimizer.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  keep = lambda new, old: jnp.where(finite, new, old)
+  return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state)
+
+
+def is_finite(loss: Array, grads) -> Array:
+  """True when the loss and the global gradient norm are finite."""
+  return jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+
+
+def step_key(rng: Array, step: Array) -> Array:
+  """The key of one step: fold the step in, so a resumed run draws what it would have drawn."""
+  return jax.random.fold_in(rng, step)
+
+
+def time_bucket_means(values: Array, t: Array, name: str, num_buckets: int = 4) -> dict:
+  """Means of a per-sample quantity in equal t buckets: which noise levels a loss struggles at.
+
+  A bucket with no samples in the batch reports NaN-free 0 with its count 0 omitted.
+  """
+  edges = jnp.linspace(0.0, 1.0, num_buckets + 1)
+  out = {}
+  for i in range(num_buckets):
+    lo, hi = edges[i], edges[i + 1]
+    mask = (t >= lo) & ((t < hi) if i < num_buckets - 1 else (t <= hi))
+    count = jnp.sum(mask)
+    out[f"{name}/t{i / num_buckets:.2f}-{(i + 1) / num_buckets:.2f}"] = (
+        jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(count, 1))
+  return out
+
+
+def apply_model(model, params, z, r, t, y, **kwargs) -> Array:
+  """model.apply with the (z, r, t, y) interface of every network here."""
+  return model.apply({"params": params}, z, r, t, y, **kwargs)
+
+
+def velocity_fn(model, params) -> Callable[[Array, Array, Array], Array]:
+  """v(z, t, y) of a flow model (teacher or fake network): r = t."""
+  return lambda z, t, y: apply_model(model, params, z, None, t, y)

@@ -1,0 +1,198 @@
+"""Stage 2: distribution matching (DMD) plus the Adaptive Weighted Discriminator (AWD).
+
+Networks: the generator G(e | y) = e - u_theta(e, 0, 1 | y), from stage 1's EMA weights; the fake
+velocity network v_phi(z, t | y), from the teacher, trained online by flow matching on sg(G)
+samples; a discriminator head over token features of v_phi (DMD2) or of the frozen teacher
+(FastGen), config `discriminator.features`; the frozen teacher with CFG as the "real score".
+
+One train step = k critic updates (v_phi and the head, two-time-scale as in DMD2) followed by one
+generator update. The batch carries k + 1 real minibatches side by side: x is (B, k + 1, ...).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from hierdistill import losses, paths
+from hierdistill.models import token_weight_entropy
+from hierdistill.stages import common
+from hierdistill.stages.trajectory import TrajectoryStage
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class DistributionState:
+  """The generator (params, as in every stage) plus the fake network and the discriminator."""
+  step: Array
+  params: Any
+  opt_state: Any
+  ema_params: Any
+  rng: Array
+  fake_params: Any
+  fake_opt_state: Any
+  disc_params: Any
+  disc_opt_state: Any
+
+
+class DistributionStage:
+  """Builds stage 2's state (generator, fake network, discriminator) and its train step."""
+
+  name = "distribution"
+  stage_id = 2  # salts the stage\'s rng and data order
+  frozen_inputs = ("teacher",)
+
+  def __init__(self, config, student, teacher, discriminator):
+    self.config = config
+    self.cfg = config.distribution
+    self.student = student
+    self.teacher = teacher
+    self.fake = teacher  # same architecture; its own parameters
+    self.discriminator = discriminator
+    self.k = int(self.cfg.update_ratio)
+    # k critic minibatches and one generator minibatch of real data per step.
+    self.examples_per_row = self.k + 1
+    self.optimizer = common.make_optimizer(self.cfg.optimizer)
+    self.fake_optimizer = common.make_optimizer(self.cfg.fake_optimizer)
+    self.disc_optimizer = common.make_optimizer(self.cfg.disc_optimizer)
+    self.adversarial = self.cfg.gen_adv_weight > 0 or self.cfg.disc_weight > 0
+    # The optional stage-1 regulariser reuses stage 1's loss as it is.
+    self.trajectory = TrajectoryStage(config, student, teacher)
+
+  # -- networks -------------------------------------------------------------------------------
+  def generate(self, params, noise, y):
+    """G(e | y) = e - u_theta(e, 0, 1 | y)."""
+    b = noise.shape[0]
+    u = common.apply_model(self.student, params, noise, jnp.zeros((b,)), jnp.ones((b,)), y)
+    return noise.astype(jnp.float32) - u.astype(jnp.float32)
+
+  def discriminate(self, fake_params, teacher_params, disc_params, z, t, y):
+    """(logits, token_weights) of the head over token features of the configured network."""
+    feature_params = fake_params if self.cfg.discriminator.features == "fake" else teacher_params
+    _, feats = common.apply_model(self.fake, feature_params, z, None, t, y, return_features=True)
+    return self.discriminator.apply({"params": disc_params}, feats)
+
+  # -- state ----------------------------------------------------------------------------------
+  def init(self, rng, example_x, example_y, init_inputs):
+    """init_inputs: 'generator' (stage-1 EMA params) and 'teacher' (fake network's start)."""
+    k_disc, k_train = jax.random.split(rng)
+    b = example_x.shape[0]
+    params = init_inputs["generator"]
+    fake_params = init_inputs["teacher"]
+    _, feats = common.apply_model(self.fake, fake_params, example_x, None, jnp.ones((b,)),
+                                  example_y, return_features=True)
+    disc_params = self.discriminator.init(k_disc, feats)["params"]
+    return DistributionState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params),
+        ema_params=params, rng=k_train,
+        fake_params=fake_params, fake_opt_state=self.fake_optimizer.init(fake_params),
+        disc_params=disc_params, disc_opt_state=self.disc_optimizer.init(disc_params))
+
+  # -- losses ---------------------------------------------------------------------------------
+  def critic_loss(self, critic_params, gen_params, teacher_params, x, y, key):
+    """Flow matching of v_phi on sg(G) samples, plus the discriminator's loss on real vs G."""
+    fake_params, disc_params = critic_params
+    k_e, k_t, k_fm, k_td, k_dr, k_df = jax.random.split(key, 6)
+    g = jax.lax.stop_gradient(self.generate(gen_params, jax.random.normal(k_e, x.shape), y))
+    t = paths.sample_t(k_t, x.shape[0], mu=self.cfg.fake_t_mu, sigma=self.cfg.fake_t_sigma)
+    v_phi = lambda z, t_: common.apply_model(self.fake, fake_params, z, None, t_, y)
+    fm_loss, metrics = losses.flow_matching_loss(v_phi, g, jax.random.normal(k_fm, x.shape), t)
+    metrics = {"fake_" + k: v for k, v in metrics.items()}
+    loss = fm_loss
+    if self.adversarial:
+      t_d = self._disc_t(k_td, x.shape[0])
+      z_real = losses.interpolate(x, jax.random.normal(k_dr, x.shape), t_d)
+      z_fake = losses.interpolate(g, jax.random.normal(k_df, x.shape), t_d)
+      logits, _ = self.discriminate(fake_params, teacher_params, disc_params,
+                                    jnp.concatenate([z_real, z_fake]),
+                                    jnp.concatenate([t_d, t_d]), jnp.concatenate([y, y]))
+      d_loss, d_metrics = losses.discriminator_loss(logits[:x.shape[0]], logits[x.shape[0]:])
+      loss = loss + self.cfg.disc_weight * d_loss
+      metrics.update(d_metrics)
+    return loss, metrics
+
+  def generator_loss(self, params, critic_params, teacher_params, x, y, key):
+    """DMD + the AWD's non-saturating adversarial term + the optional MeanFlow regulariser."""
+    fake_params, disc_params = critic_params
+    k_e, k_t, k_n, k_td, k_dn, k_reg = jax.random.split(key, 6)
+    b = x.shape[0]
+    g = self.generate(params, jax.random.normal(k_e, x.shape), y)
+    t = jax.random.uniform(k_t, (b,), minval=self.cfg.dmd_t_min, maxval=self.cfg.dmd_t_max)
+    z_t = jax.lax.stop_gradient(losses.interpolate(g, jax.random.normal(k_n, x.shape), t))
+    t_col = t.reshape((b,) + (1,) * (x.ndim - 1))
+    # Denoised estimates x = z_t - t v: the teacher with CFG is the real score.
+    v_real = paths.cfg_velocity(common.velocity_fn(self.teacher, teacher_params), z_t, t, y,
+                                w=self.cfg.cfg_scale, null_label=self.config.model.num_classes,
+                                interval=self.cfg.get("cfg_interval"))
+    v_fake = common.apply_model(self.fake, fake_params, z_t, None, t, y)
+    x_real = z_t - t_col * v_real
+    x_fake = z_t - t_col * v_fake.astype(jnp.float32)
+    dmd, metrics = losses.dmd_loss(g, x_real, x_fake)
+    loss = self.cfg.dmd_weight * dmd
+    if self.adversarial:
+      t_d = self._disc_t(k_td, b)
+      z_g = losses.interpolate(g, jax.random.normal(k_dn, x.shape), t_d)
+      logits, weights = self.discriminate(fake_params, teacher_params, disc_params, z_g, t_d, y)
+      adv, adv_metrics = losses.generator_adversarial_loss(logits)
+      loss = loss + self.cfg.gen_adv_weight * adv
+      entropy = token_weight_entropy(weights)
+      metrics.update(adv_metrics, awd_weight_entropy=jnp.mean(entropy),
+                     # exp(entropy): how many tokens the head effectively looks at.
+                     awd_effective_tokens=jnp.mean(jnp.exp(entropy)),
+                     awd_max_weight=jnp.mean(jnp.max(weights, axis=-1)))
+    if self.cfg.regulariser_weight > 0:
+      reg, reg_metrics = self.trajectory.loss(params, teacher_params, x, y, k_reg)
+      loss = loss + self.cfg.regulariser_weight * reg
+      metrics.update({"reg_" + k: v for k, v in reg_metrics.items()})
+    return loss, metrics
+
+  def _disc_t(self, key, b):
+    return jax.random.uniform(key, (b,), minval=self.cfg.disc_t_min, maxval=self.cfg.disc_t_max)
+
+  # -- the step -------------------------------------------------------------------------------
+  def train_step(self, state: DistributionState, frozen, batch):
+    teacher_params = frozen["teacher"]
+    x, y = batch["x"].astype(jnp.float32), batch["y"]
+    key = common.step_key(state.rng, state.step)
+    k_critic, k_gen = jax.random.split(key)
+
+    def critic_update(carry, i):
+      fake_params, fake_opt, disc_params, disc_opt = carry
+      (loss, metrics), (g_fake, g_disc) = jax.value_and_grad(self.critic_loss, has_aux=True)(
+          (fake_params, disc_params), state.params, teacher_params,
+          jnp.take(x, i, axis=1), jnp.take(y, i, axis=1), jax.random.fold_in(k_critic, i))
+      finite = common.is_finite(loss, (g_fake, g_disc))
+      fake_params, fake_opt = common.guarded_update(self.fake_optimizer, fake_params, fake_opt,
+                                                    g_fake, finite)
+      disc_params, disc_opt = common.guarded_update(self.disc_optimizer, disc_params, disc_opt,
+                                                    g_disc, finite)
+      metrics = dict(metrics, critic_loss=loss, fake_grad_norm=optax.global_norm(g_fake),
+                     disc_grad_norm=optax.global_norm(g_disc),
+                     critic_skipped=1 - finite.astype(jnp.int32))
+      return (fake_params, fake_opt, disc_params, disc_opt), metrics
+
+    carry = (state.fake_params, state.fake_opt_state, state.disc_params, state.disc_opt_state)
+    carry, critic_metrics = jax.lax.scan(critic_update, carry, jnp.arange(self.k))
+    fake_params, fake_opt, disc_params, disc_opt = carry
+    critic_metrics = jax.tree.map(jnp.mean, critic_metrics)
+
+    (loss, metrics), grads = jax.value_and_grad(self.generator_loss, has_aux=True)(
+        state.params, (fake_params, disc_params), teacher_params,
+        x[:, self.k], y[:, self.k], k_gen)
+    finite = common.is_finite(loss, grads)
+    params, opt_state = common.guarded_update(self.optimizer, state.params, state.opt_state,
+                                              grads, finite)
+    ema = common.ema_update(state.ema_params, params, self.cfg.ema_decay)
+    metrics = dict(metrics, **critic_metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                   skipped=1 - finite.astype(jnp.int32))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              ema_params=ema, fake_params=fake_params, fake_opt_state=fake_opt,
+                              disc_params=disc_params, disc_opt_state=disc_opt)
+    return new_state, metrics
+
+  def sample(self, params, noise, y, *, num_steps=1):
+    return self.trajectory.sample(params, noise, y, num_steps=num_steps)

@@ -1,0 +1,221 @@
+"""The training loop every stage runs: restore, compile once, step, log, checkpoint, stop cleanly.
+
+A stage object supplies `name`, `init(rng, example_x, example_y, init_inputs)`,
+`train_step(state, frozen, batch)`, `sample(params, noise, y)` and the config block
+`config.<name>` (num_steps, batch_size, log_every, checkpoint_every). The loop owns the rest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Optional
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hierdistill import checkpoint as ckpt_lib
+from hierdistill import sharding as shard_lib
+
+# Exit status of a run stopped by SIGTERM/SIGINT after saving: a scheduler may requeue it.
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL
+
+
+class Preempted(Exception):
+  """Raised after a stage saved its state because the process was asked to stop."""
+
+
+class NonFiniteError(RuntimeError):
+  """Raised when too many consecutive steps had a non-finite loss or gradient."""
+
+
+class _StopFlag:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps (the step in flight ends)."""
+
+  def __init__(self):
+    self.signal: Optional[int] = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: leave signals alone
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+@dataclasses.dataclass
+class StageResult:
+  """What a stage leaves behind: its final state and where its outputs are."""
+  state: Any
+  steps_run: int
+  wall_time_s: float
+  samples_path: Optional[str]
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def _console_line(stage: str, step: int, total: int, metrics: dict, steps_per_s: float) -> str:
+  keys = [k for k in ("loss", "grad_norm", "dmd_loss", "gen_adv_loss", "disc_loss",
+                      "fake_flow_matching_mse", "meanflow_mse", "flow_matching_mse",
+                      "awd_effective_tokens") if k in metrics]
+  shown = " ".join(f"{k} {metrics[k]:.4g}" for k in keys)
+  eta = (total - step) / steps_per_s if steps_per_s > 0 else float("nan")
+  return (f"[{stage}] step {step}/{total} | {shown} | {steps_per_s:.1f} steps/s | "
+          f"ETA {format_duration(eta) if math.isfinite(eta) else '?'}")
+
+
+def run_stage(stage, *, config, workdir: str, mesh, pipeline, frozen: dict,
+              init_inputs: Callable[[], dict], grid: tuple[np.ndarray, np.ndarray],
+              writer, save_grid: Callable[[np.ndarray, str], None]) -> StageResult:
+  """Trains one stage to config.<stage>.num_steps, resuming from its own checkpoints.
+
+  frozen: pytrees the step reads but never changes (the teacher), already placed on the mesh.
+  init_inputs: called only when the stage starts fresh; returns the handoff params.
+  grid: fixed (noise, labels) so every stage's samples can be compared picture to picture.
+  """
+  cfg = getattr(config, stage.name)
+  rows = getattr(stage, "examples_per_row", 1)
+  shard_lib.check_batch_size(cfg.batch_size, mesh, f"config.{stage.name}.batch_size")
+  ckpts = ckpt_lib.StageCheckpoints(workdir, stage.name, max_to_keep=cfg.get("keep", 3))
+  start_time = time.time()
+
+  # Parameter shapes do not depend on the batch: one example is enough to initialise.
+  example_x = jnp.zeros((1,) + pipeline.images.shape[1:], jnp.float32)
+  example_y = jnp.zeros((1,), jnp.int32)
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), stage.stage_id)
+
+  def init_fn(rng, inputs):
+    return stage.init(rng, example_x, example_y, inputs)
+
+  inputs_abstract = None
+  restored = None
+  abstract_state = None
+  # Shapes of the handoff params come from the frozen teacher or an eval_shape of the init
+  # source; abstract evaluation allocates nothing.
+  handoff = None
+  if ckpts.latest_step() is not None:
+    handoff_abstract = init_inputs(abstract=True)
+    abstract_state = jax.eval_shape(init_fn, rng, handoff_abstract)
+    shardings = shard_lib.state_shardings(abstract_state, mesh, config.sharding_rules)
+    restored = ckpts.restore_latest(shard_lib.with_shardings(abstract_state, shardings))
+  if restored is not None:
+    state, meta, start_step = restored
+    logging.info("%s: resumed from step %d", stage.name, start_step)
+    print(f"[{stage.name}] resumed from its checkpoint at step {start_step}", flush=True)
+  else:
+    handoff = init_inputs(abstract=False)
+    abstract_state = jax.eval_shape(init_fn, rng, handoff)
+    shardings = shard_lib.state_shardings(abstract_state, mesh, config.sharding_rules)
+    state = jax.jit(init_fn, out_shardings=shardings)(rng, handoff)
+    start_step = 0
+  del handoff
+
+  frozen_shardings = jax.tree.map(lambda a: a.sharding, frozen)
+  step_fn = jax.jit(
+      stage.train_step,
+      in_shardings=(shardings, frozen_shardings, shard_lib.batch_sharding(mesh)),
+      out_shardings=(shardings, shard_lib.replicated(mesh)),
+      donate_argnums=(0,))
+
+  total = int(cfg.num_steps)
+  log_every = int(cfg.log_every)
+  ckpt_every = int(cfg.checkpoint_every)
+  max_bad = int(config.get("max_consecutive_nonfinite", 20))
+  consecutive_bad = 0
+  skipped_total = 0
+  t_last, s_last = time.time(), start_step
+  meta = {"stage": stage.name, "config": config.to_json_best_effort()}
+
+  def save(step, final=False):
+    ckpts.save(step, state, dict(meta, step=step, data_step=step),
+               export=state.ema_params if final else None)
+
+  with _StopFlag() as stop:
+    step = start_step
+    while step < total:
+      local = pipeline.batch(step)
+      if rows > 1:  # (B * rows, ...) -> (B, rows, ...): each row is one minibatch of the step
+        local = jax.tree.map(lambda a: a.reshape((a.shape[0] // rows, rows) + a.shape[1:]), local)
+      state, metrics = step_fn(state, frozen, shard_lib.put_batch(local, mesh))
+      step += 1
+
+      if step % log_every == 0 or step == total:
+        metrics = jax.device_get(metrics)
+        skipped = int(metrics.get("skipped", 0))
+        skipped_total += skipped
+        consecutive_bad = consecutive_bad + 1 if skipped else 0
+        scalars = {k: float(np.mean(v)) for k, v in metrics.items()}
+        scalars["skipped_total"] = skipped_total
+        now = time.time()
+        rate = (step - s_last) / max(now - t_last, 1e-9)
+        t_last, s_last = now, step
+        scalars["steps_per_s"] = rate
+        writer.write_scalars(step, {f"{stage.name}/{k}": v for k, v in scalars.items()})
+        if jax.process_index() == 0:
+          print(_console_line(stage.name, step, total, scalars, rate), flush=True)
+        if consecutive_bad >= max_bad:
+          ckpts.close()
+          raise NonFiniteError(
+              f"{stage.name}: {consecutive_bad} logged steps in a row had a non-finite loss or "
+              f"gradient (last at step {step}); checkpoints up to the last good one are kept. "
+              "Lower the learning rate or raise grad_clip, then rerun to resume.")
+
+      if step == total:
+        save(step, final=True)
+      elif step % ckpt_every == 0:
+        save(step)
+      if stop.signal is not None and step < total:
+        if step % ckpt_every:
+          save(step)
+        ckpts.close()
+        raise Preempted(f"{stage.name}: stopped by signal {stop.signal} at step {step}; state "
+                        f"saved under {ckpts.directory}. Rerun the same command to resume.")
+
+  ckpts.close()
+  wall = time.time() - start_time
+  samples_path = None
+  # Every process runs the sampler (it is one program over the mesh); process 0 writes.
+  noise, labels = grid
+  sample_fn = jax.jit(stage.sample, out_shardings=shard_lib.replicated(mesh))
+  images = np.asarray(jax.device_get(sample_fn(state.ema_params, jnp.asarray(noise),
+                                               jnp.asarray(labels))))
+  samples_path = os.path.join(ckpt_lib.stage_dir(workdir, stage.name), f"samples_step{total}.png")
+  if jax.process_index() == 0:
+    save_grid(images, samples_path)
+    if images.ndim == 4:
+      writer.write_images(total, {f"{stage.name}/samples": _to_uint8_grid(images)})
+  writer.flush()
+  return StageResult(state=state, steps_run=total - start_step, wall_time_s=wall,
+                     samples_path=samples_path)
+
+
+def _to_uint8_grid(images: np.ndarray) -> np.ndarray:
+  """A (1, H', W', C) uint8 mosaic for TensorBoard from images in [-1, 1]."""
+  n = images.shape[0]
+  cols = int(math.ceil(math.sqrt(n)))
+  rows = int(math.ceil(n / cols))
+  h, w, c = images.shape[1:]
+  canvas = np.zeros((rows * h, cols * w, c), np.float32)
+  for i in range(n):
+    r, q = divmod(i, cols)
+    canvas[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[i]
+  return ((np.clip(canvas, -1, 1) + 1) * 127.5).astype(np.uint8)[None]

@@ -1,0 +1,88 @@
+"""Stage 1: MeanFlow trajectory distillation of the teacher into a one-step "sketch".
+
+The student u_theta(z, r, t | y) starts as a copy of the teacher (its interval embedding is new
+and zero, so at step 0 u(z, r, t | y) == v_T(z, t | y)) and regresses the MeanFlow target built
+from the teacher's guided velocity at z_t: u_tgt = sg(v_T - (t - r) du/dt).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from hierdistill import losses, paths, sampling
+from hierdistill.models import init_student_from_teacher
+from hierdistill.stages import common
+
+
+class TrajectoryStage:
+  """Builds the student's train state (from the teacher) and the MeanFlow train step."""
+
+  name = "trajectory"
+  stage_id = 1  # salts the stage\'s rng and data order
+  frozen_inputs = ("teacher",)
+
+  def __init__(self, config, student, teacher):
+    self.config = config
+    self.cfg = config.trajectory
+    self.student = student
+    self.teacher = teacher
+    # The JVP runs in float32 unless asked otherwise: bfloat16 tangents lose du/dt's small
+    # terms, and MeanFlow runs reported NaNs that fp32 cured (PITFALLS.md).
+    self.student_jvp = student.clone(dtype=common.dtype_of(self.cfg.jvp_dtype))
+    self.optimizer = common.make_optimizer(self.cfg.optimizer)
+
+  def init(self, rng, example_x, example_y, frozen):
+    k_params, k_train = jax.random.split(rng)
+    b = example_x.shape[0]
+    t = jnp.ones((b,))
+    fresh = self.student.init(k_params, example_x, t, t, example_y)["params"]
+    params = init_student_from_teacher(fresh, frozen["teacher"])
+    return common.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params),
+        ema_params=params, rng=k_train)
+
+  def teacher_velocity(self, teacher_params, z_t, t, y):
+    """v_T = v_w(z_t, t | y): the teacher's guided velocity, a constant target."""
+    return jax.lax.stop_gradient(paths.cfg_velocity(
+        common.velocity_fn(self.teacher, teacher_params), z_t, t, y,
+        w=self.cfg.cfg_scale, null_label=self.config.model.num_classes,
+        interval=self.cfg.get("cfg_interval")))
+
+  def loss(self, params, teacher_params, x, y, key):
+    """MeanFlow distillation loss of one batch; shared with stage 2's regulariser."""
+    k_rt, k_e = jax.random.split(key)
+    r, t = paths.sample_r_t(k_rt, x.shape[0], mu=self.cfg.rt_mu, sigma=self.cfg.rt_sigma,
+                            equal_fraction=self.cfg.equal_fraction)
+    noise = jax.random.normal(k_e, x.shape, jnp.float32)
+    z_t = losses.interpolate(x.astype(jnp.float32), noise, t)
+    v_T = self.teacher_velocity(teacher_params, z_t, t, y)
+    u_fn = lambda z, r_, t_: common.apply_model(self.student_jvp, params, z, r_, t_, y)
+    u, u_tgt = losses.meanflow_target(u_fn, z_t, r, t, v_T)
+    d = jnp.sum(jnp.square(u - u_tgt), axis=tuple(range(1, u.ndim)))
+    loss = losses.adaptive_weighted_loss(d, p=self.cfg.adaptive_p, eps=self.cfg.adaptive_eps)
+    per_element = d / (u.size // u.shape[0])
+    metrics = {"meanflow_loss": loss, "meanflow_mse": jnp.mean(per_element),
+               # The same error split by whether the sample asked for u (r < t) or v (r = t).
+               "meanflow_mse_r_eq_t": jnp.sum(jnp.where(r == t, per_element, 0.0))
+                                      / jnp.maximum(jnp.sum(r == t), 1),
+               **common.time_bucket_means(per_element, t, "meanflow_mse")}
+    return loss, metrics
+
+  def train_step(self, state: common.TrainState, frozen, batch):
+    key = common.step_key(state.rng, state.step)
+    (loss, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(
+        state.params, frozen["teacher"], batch["x"], batch["y"], key)
+    finite = common.is_finite(loss, grads)
+    params, opt_state = common.guarded_update(self.optimizer, state.params, state.opt_state,
+                                              grads, finite)
+    ema = common.ema_update(state.ema_params, params, self.cfg.ema_decay)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                   skipped=1 - finite.astype(jnp.int32))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         ema_params=ema), metrics
+
+  def sample(self, params, noise, y, *, num_steps=1):
+    """One-step (or k-step) samples of the flow map: x = e - u(e, 0, 1 | y)."""
+    u_fn = lambda z, r, t: common.apply_model(self.student, params, z, r, t, y)
+    return sampling.flow_map_sample(u_fn, noise, num_steps=num_steps)
