@@ -68,113 +68,122 @@ def grid_inputs(config, data_shape) -> tuple[np.ndarray, np.ndarray]:
   return noise, labels
 
 
-def _abstract(tree):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+class Chain:
+  """One run of the chain under a workdir: its mesh, data, networks and stage handoffs.
 
+  devices: the devices to build the mesh over (default all); writer: a clu metric writer
+  (default TensorBoard under <workdir>/tensorboard plus the console).
+  """
 
-def _exported_shapes(config, nets, dataset, mesh):
-  """stage -> (abstract params, shardings) of what that stage exports (its EMA params)."""
+  def __init__(self, config, workdir: str, *, devices=None, writer=None):
+    validate_config(config)
+    self.config = config
+    self.workdir = workdir
+    self.mesh = shard_lib.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
+    self.dataset = load_train_set(config.data)
+    _check_data_matches_model(self.dataset, config)
+    self.nets = Networks(config)
+    self.grid = grid_inputs(config, self.dataset.shape)
+    os.makedirs(workdir, exist_ok=True)
+    _write_config(config, workdir)
+    self.writer = writer or _make_writer(workdir)
+    self._teacher = None
 
-  def shapes(stage: str):
-    abstract = nets.abstract_params(dataset.shape, student=stage != "teacher")
-    return abstract, shard_lib.state_shardings(abstract, mesh, config.sharding_rules)
+  def exported_shapes(self, stage: str):
+    """(abstract params, shardings) of what `stage` exports: its EMA params."""
+    abstract = self.nets.abstract_params(self.dataset.shape, student=stage != "teacher")
+    return abstract, shard_lib.state_shardings(abstract, self.mesh, self.config.sharding_rules)
 
-  return shapes
+  def load_export(self, stage: str):
+    return ckpt_lib.load_export(self.workdir, stage, *self.exported_shapes(stage))
 
+  @property
+  def teacher_params(self):
+    """The frozen teacher (EMA params of the teacher stage), loaded on first use."""
+    if self._teacher is None:
+      self._teacher = self.load_export("teacher")
+    return self._teacher
 
-def run(config, workdir: str) -> dict:
-  """Runs config.stages in order under `workdir`; returns a summary of what was done and where."""
-  from hierdistill import data as data_lib  # pylint: disable=g-import-not-at-top
-  from hierdistill.evaluation import grids  # pylint: disable=g-import-not-at-top
-  from hierdistill.stages import evaluate  # pylint: disable=g-import-not-at-top
+  def save_grid(self, samples, path: str) -> None:
+    """Images as a PNG grid; 2-D points as a scatter plot over the real data."""
+    from hierdistill.evaluation import grids  # pylint: disable=g-import-not-at-top
+    if len(self.dataset.shape) == 1:
+      grids.scatter_png([self.dataset.x, samples], path)
+    else:
+      grids.save_image_grid(samples, path)
 
-  validate_config(config)
-  mesh = shard_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
-  os.makedirs(workdir, exist_ok=True)
-  _write_config(config, workdir)
-  writer = _make_writer(workdir)
-  dataset = load_train_set(config.data)
-  _check_data_matches_model(dataset, config)
-  nets = Networks(config)
-  grid = grid_inputs(config, dataset.shape)
-  exported_shapes = _exported_shapes(config, nets, dataset, mesh)
-  # Images as a PNG grid, 2-D points as a scatter plot over the real data.
-  if len(dataset.shape) == 1:
-    save_grid = lambda points, path: grids.scatter_png([dataset.x, points], path)
-  else:
-    save_grid = grids.save_image_grid
-  summary: dict[str, Any] = {"workdir": os.path.abspath(workdir), "stages": {}}
-  t0 = time.time()
+  def handoff(self, name: str, abstract: bool = False) -> dict:
+    """What stage `name` starts from when it has no checkpoint of its own (or only shapes).
 
-  teacher_params = None
-  for name in config.stages:
-    if name == "eval":
-      continue
-    cfg = getattr(config, name)
-    stage_summary = summary["stages"].setdefault(name, {})
-    if teacher_params is None and name != "teacher":
-      teacher_params = ckpt_lib.load_export(workdir, "teacher", *exported_shapes("teacher"))
-    if ckpt_lib.is_finished(workdir, name, int(cfg.num_steps)):
-      print(f"[{name}] finished earlier ({cfg.num_steps} steps): skipped", flush=True)
-      stage_summary["status"] = "finished earlier"
-      continue
-    stage = build_stage(name, config, nets)
-    rows = getattr(stage, "examples_per_row", 1)
-    pipeline = data_lib.InMemoryPipeline(
-        dataset.x, dataset.y, global_batch_size=cfg.batch_size * rows,
-        seed=config.seed * 1000 + stage.stage_id,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    frozen = {} if name == "teacher" else {"teacher": teacher_params}
-    result = loop.run_stage(
-        stage, config=config, workdir=workdir, mesh=mesh, pipeline=pipeline, frozen=frozen,
-        init_inputs=_init_inputs(name, config, workdir, nets, dataset, exported_shapes,
-                                 teacher_params),
-        grid=grid, writer=writer, save_grid=save_grid)
-    stage_summary.update(status="trained", steps_run=result.steps_run,
-                         wall_time_s=round(result.wall_time_s, 1), samples=result.samples_path)
-    del result
-
-  if "eval" in config.stages:
-    summary["eval"] = evaluate.run_eval(config, workdir, nets=nets, dataset=dataset, mesh=mesh,
-                                        writer=writer, save_grid=save_grid,
-                                        abstract_params=exported_shapes)
-  writer.flush()
-  summary["wall_time_s"] = round(time.time() - t0, 1)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
-    print(_format_summary(summary), flush=True)
-  return summary
-
-
-def _init_inputs(name, config, workdir, nets, dataset, exported_shapes, teacher):
-  """The handoff of stage `name`: a callable giving its params, or only their shapes."""
-
-  def student_from_teacher(teacher_params):
-    x = jnp.zeros((1,) + dataset.shape, jnp.float32)
-    t = jnp.ones((1,))
-    params = nets.student.init(jax.random.PRNGKey(0), x, t, t, jnp.zeros((1,), jnp.int32))
-    return models_lib.init_student_from_teacher(params["params"], teacher_params)
-
-  def inputs(abstract: bool):
+    teacher: nothing (scratch); trajectory: the teacher; distribution: a generator (stage 1's
+    final EMA params, or the teacher as a student for the DMD-only ablation) and the teacher
+    (the fake network's start).
+    """
     if name == "teacher":
       return {}
-    teacher_in = _abstract(teacher) if abstract else teacher
+    teacher = self.exported_shapes("teacher")[0] if abstract else self.teacher_params
     if name == "trajectory":
-      return {"teacher": teacher_in}
-    # Stage 2's generator: stage 1's final EMA params, or, for the DMD-only ablation
-    # (init_from='teacher'), the teacher itself as a student.
-    generator_shapes, generator_shardings = exported_shapes("trajectory")
+      return {"teacher": teacher}
+    generator_shapes, generator_shardings = self.exported_shapes("trajectory")
     if abstract:
       generator = generator_shapes
-    elif config.distribution.init_from == "teacher":
-      generator = jax.jit(student_from_teacher, out_shardings=generator_shardings)(teacher)
+    elif self.config.distribution.init_from == "teacher":
+      generator = jax.jit(self._student_from_teacher,
+                          out_shardings=generator_shardings)(teacher)
     else:
-      generator = ckpt_lib.load_export(workdir, "trajectory", generator_shapes,
-                                       generator_shardings)
-    return {"generator": generator, "teacher": teacher_in}
+      generator = self.load_export("trajectory")
+    return {"generator": generator, "teacher": teacher}
 
-  return inputs
+  def _student_from_teacher(self, teacher_params):
+    x = jnp.zeros((1,) + self.dataset.shape, jnp.float32)
+    t = jnp.ones((1,))
+    fresh = self.nets.student.init(jax.random.PRNGKey(0), x, t, t, jnp.zeros((1,), jnp.int32))
+    return models_lib.init_student_from_teacher(fresh["params"], teacher_params)
+
+  def run_stage(self, name: str) -> dict:
+    """Trains one stage to its num_steps (resuming); a finished stage is skipped."""
+    from hierdistill import data as data_lib  # pylint: disable=g-import-not-at-top
+    cfg = getattr(self.config, name)
+    if ckpt_lib.is_finished(self.workdir, name, int(cfg.num_steps)):
+      print(f"[{name}] finished earlier ({cfg.num_steps} steps): skipped", flush=True)
+      return {"status": "finished earlier"}
+    stage = build_stage(name, self.config, self.nets)
+    rows = getattr(stage, "examples_per_row", 1)
+    data = data_lib.InMemoryPipeline(
+        self.dataset.x, self.dataset.y, global_batch_size=cfg.batch_size * rows,
+        seed=self.config.seed * 1000 + stage.stage_id,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    frozen = {} if name == "teacher" else {"teacher": self.teacher_params}
+    result = loop.run_stage(
+        stage, config=self.config, workdir=self.workdir, mesh=self.mesh, pipeline=data,
+        frozen=frozen, init_inputs=lambda abstract: self.handoff(name, abstract),
+        grid=self.grid, writer=self.writer, save_grid=self.save_grid)
+    return {"status": "trained", "steps_run": result.steps_run,
+            "wall_time_s": round(result.wall_time_s, 1), "samples": result.samples_path,
+            "final_metrics": result.final_metrics}
+
+  def run(self) -> dict:
+    """Runs config.stages in order; returns a summary of what was done and where."""
+    t0 = time.time()
+    summary: dict[str, Any] = {"workdir": os.path.abspath(self.workdir), "stages": {}}
+    for name in self.config.stages:
+      if name == "eval":
+        from hierdistill.stages import evaluate  # pylint: disable=g-import-not-at-top
+        summary["eval"] = evaluate.run_eval(self)
+      else:
+        summary["stages"][name] = self.run_stage(name)
+    self.writer.flush()
+    summary["wall_time_s"] = round(time.time() - t0, 1)
+    if jax.process_index() == 0:
+      with open(os.path.join(self.workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=float)
+      print(_format_summary(summary), flush=True)
+    return summary
+
+
+def run(config, workdir: str, **kwargs) -> dict:
+  """Runs config.stages in order under `workdir` (see Chain)."""
+  return Chain(config, workdir, **kwargs).run()
 
 
 def data_dir_of(data_config) -> str:

@@ -14,6 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # tfds/clu import TensorFlow
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -33,6 +34,9 @@ def main(argv):
   from hierdistill import pipeline  # pylint: disable=g-import-not-at-top
   from hierdistill.stages import loop  # pylint: disable=g-import-not-at-top
 
+  if not flags.FLAGS["verbosity"].present:
+    # orbax and tfds log every save and read at INFO; the console line is what users watch.
+    logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join("runs", config.name)
   try:

@@ -326,7 +326,8 @@ class DiT(nn.Module):
                ) -> Union[Array, Tuple[Array, List[Array]]]:
     """Mean velocity over [r, t] (with r = t, or r = None: the instantaneous velocity).
 
-    z: (B, H, W, C) NHWC; r, t: (B,) floats in [0, 1] (r = None means r = t); y: (B,) int labels,
+    z: (B, H, W, C) NHWC; r, t: (B,) floats in [0, 1] (r = None means r = t; r is ignored when
+    interval_conditioning=False: a teacher is a velocity model); y: (B,) int labels,
     num_classes = null (None = all null). train=True enables label dropout (needs a 'dropout'
     rng). Returns the velocity (B, H, W, C) float32, or (velocity, features) with features a list
     of (B, N, D) float32 block outputs, one per entry of feature_layers, N = (H / p)^2. (float32
@@ -346,7 +347,7 @@ class DiT(nn.Module):
 
     block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
     wanted = self.resolved_feature_layers() if return_features else ()
-    outputs = []  # unused ones cost nothing: XLA drops what the result does not read
+    outputs = []  # every block output is computed anyway; keeping references costs nothing
     for i in range(self.depth):
       x = block_cls(d, self.num_heads, self.mlp_ratio, self.attention, dtype=self.dtype,
                     param_dtype=self.param_dtype, name=f"blocks_{i}")(x, c)

@@ -76,7 +76,8 @@ class MLPFlow(nn.Module):
   def __call__(self, z: Array, r: Optional[Array], t: Array, y: Optional[Array], *,
                train: bool = False, return_features: bool = False
                ) -> Union[Array, Tuple[Array, List[Array]]]:
-    """z: (B, D); r, t: (B,) in [0, 1] (r = None means r = t); y: (B,) int or None (null).
+    """z: (B, D); r, t: (B,) in [0, 1] (r = None means r = t; ignored without
+    interval_conditioning); y: (B,) int labels, num_classes = null (None = all null).
 
     Returns the velocity (B, D) float32, or (velocity, features) with features a list of
     (B, 1, width) float32 block outputs (one token each, so token heads apply unchanged).

@@ -41,12 +41,16 @@ def _module_fields(cls: type) -> tuple:
   return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("name", "parent"))
 
 
-def _kwargs(cls: type, config: Dict[str, Any], where: str) -> Dict[str, Any]:
-  """Checks the keys against cls's fields and converts dtype strings and lists."""
-  valid = _module_fields(cls)
+def _kwargs(cls: type, config: Dict[str, Any], where: str,
+            also_valid: Sequence[str] = ()) -> Dict[str, Any]:
+  """Checks the keys against cls's fields and converts dtype strings and lists.
+
+  also_valid: keys the caller has already consumed, listed in the error message only.
+  """
+  valid = _module_fields(cls) + tuple(also_valid)
   kwargs = {}
   for key, value in config.items():
-    if key not in valid:
+    if key not in valid or key in also_valid:
       raise ValueError(f"Unknown key {key!r} in the {where} config; valid: "
                        f"{', '.join(sorted(valid))}.")
     if key in _DTYPE_KEYS and isinstance(value, str):
@@ -73,11 +77,14 @@ def build(config: Any, *, ignore: Sequence[str] = ()) -> nn.Module:
   cls = MODELS[name]
   if name == "dit":
     size = config.pop("size", None)
-    explicit = _kwargs(cls, config, "model ('dit')")
-    kwargs = dict(dit_config(size)) if size is not None else {}
+    explicit = _kwargs(cls, config, "model ('dit')", also_valid=("name", "size"))
+    try:
+      kwargs = dict(dit_config(size)) if size is not None else {}
+    except ValueError as e:
+      raise ValueError(f"model config key 'size': {e}") from None
     kwargs.update(explicit)
   else:
-    kwargs = _kwargs(cls, config, f"model ({name!r})")
+    kwargs = _kwargs(cls, config, f"model ({name!r})", also_valid=("name",))
   return cls(**kwargs)
 
 

@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hierdistill import checkpoint as ckpt_lib
 from hierdistill import evaluation as ev
 from hierdistill import sampling
 from hierdistill import sharding as shard_lib
@@ -79,12 +78,10 @@ class _Scorer:
     return {k: float(v) for k, v in row.items()}
 
 
-def run_eval(config, workdir, *, nets, dataset, mesh, writer, save_grid, abstract_params):
-  """Measures every available model of the chain; skipped when metrics.json exists already.
-
-  abstract_params(stage) -> (shapes, shardings) of that stage's exported params.
-  """
+def run_eval(chain):
+  """Measures every finished model of a pipeline.Chain; skipped when metrics.json exists."""
   from hierdistill.pipeline import data_dir_of  # pylint: disable=g-import-not-at-top
+  config, workdir, nets, dataset = chain.config, chain.workdir, chain.nets, chain.dataset
   out_dir = os.path.join(workdir, "eval")
   metrics_path = os.path.join(out_dir, "metrics.json")
   if os.path.exists(metrics_path):
@@ -117,13 +114,13 @@ def run_eval(config, workdir, *, nets, dataset, mesh, writer, save_grid, abstrac
   models = {}
   for stage in ("teacher", "trajectory", "distribution"):
     try:
-      models[stage] = ckpt_lib.load_export(workdir, stage, *abstract_params(stage))
+      models[stage] = chain.load_export(stage)
     except FileNotFoundError:
       print(f"[eval] no finished {stage} stage in {workdir}: its rows are left out", flush=True)
   plan = []
   if "teacher" in models:
     for n in cfg.teacher_steps:
-      plan.append((f"teacher ({n} steps)", "teacher", teacher_sampler(n),
+      plan.append((f"teacher ({n} step{'s' if n > 1 else ''})", "teacher", teacher_sampler(n),
                    sampling.teacher_nfe(n, s.teacher_method, s.cfg_scale)))
   for stage, label in (("trajectory", "stage 1 (TD)"), ("distribution", "stage 2 (HD)")):
     if stage in models:
@@ -133,14 +130,14 @@ def run_eval(config, workdir, *, nets, dataset, mesh, writer, save_grid, abstrac
   for name, stage, fn, nfe in plan:
     t_row = time.time()
     samples, labels = _generate(fn, models[stage], int(cfg.num_samples), int(cfg.batch_size),
-                                dataset.shape, num_classes, key, mesh)
+                                dataset.shape, num_classes, key, chain.mesh)
     row = {"model": name, "nfe": nfe, **scorer(samples, labels)}
     row["sampling_s"] = round(time.time() - t_row, 2)
     rows.append(row)
     slug = name.replace(" ", "_").replace("(", "").replace(")", "")
     if jax.process_index() == 0:
-      save_grid(samples[:int(s.grid_size)], os.path.join(out_dir, f"samples_{slug}.png"))
-    writer.write_scalars(0, {f"eval/{slug}/{k}": v for k, v in row.items()
+      chain.save_grid(samples[:int(s.grid_size)], os.path.join(out_dir, f"samples_{slug}.png"))
+    chain.writer.write_scalars(0, {f"eval/{slug}/{k}": v for k, v in row.items()
                              if isinstance(v, (int, float))})
     print(f"[eval] {_format_row(row)}", flush=True)
 

@@ -64,6 +64,7 @@ class StageResult:
   steps_run: int
   wall_time_s: float
   samples_path: Optional[str]
+  final_metrics: dict
 
 
 def format_duration(seconds: float) -> str:
@@ -79,7 +80,8 @@ def _console_line(stage: str, step: int, total: int, metrics: dict, steps_per_s:
                       "awd_effective_tokens") if k in metrics]
   shown = " ".join(f"{k} {metrics[k]:.4g}" for k in keys)
   eta = (total - step) / steps_per_s if steps_per_s > 0 else float("nan")
-  return (f"[{stage}] step {step}/{total} | {shown} | {steps_per_s:.1f} steps/s | "
+  rate = f"{steps_per_s:.1f} steps/s" if math.isfinite(steps_per_s) else "compiling"
+  return (f"[{stage}] step {step}/{total} | {shown} | {rate} | "
           f"ETA {format_duration(eta) if math.isfinite(eta) else '?'}")
 
 
@@ -142,6 +144,7 @@ def run_stage(stage, *, config, workdir: str, mesh, pipeline, frozen: dict,
   max_bad = int(config.get("max_consecutive_nonfinite", 20))
   consecutive_bad = 0
   skipped_total = 0
+  scalars = {}
   t_last, s_last = time.time(), start_step
   meta = {"stage": stage.name, "config": config.to_json_best_effort()}
 
@@ -157,6 +160,9 @@ def run_stage(stage, *, config, workdir: str, mesh, pipeline, frozen: dict,
         local = jax.tree.map(lambda a: a.reshape((a.shape[0] // rows, rows) + a.shape[1:]), local)
       state, metrics = step_fn(state, frozen, shard_lib.put_batch(local, mesh))
       step += 1
+      if step == start_step + 1:  # the first step compiles: keep it out of steps/s and ETA
+        jax.block_until_ready(metrics)
+        t_last, s_last = time.time(), step
 
       if step % log_every == 0 or step == total:
         metrics = jax.device_get(metrics)
@@ -166,7 +172,7 @@ def run_stage(stage, *, config, workdir: str, mesh, pipeline, frozen: dict,
         scalars = {k: float(np.mean(v)) for k, v in metrics.items()}
         scalars["skipped_total"] = skipped_total
         now = time.time()
-        rate = (step - s_last) / max(now - t_last, 1e-9)
+        rate = (step - s_last) / (now - t_last) if step > s_last else float("nan")
         t_last, s_last = now, step
         scalars["steps_per_s"] = rate
         writer.write_scalars(step, {f"{stage.name}/{k}": v for k, v in scalars.items()})
@@ -205,7 +211,7 @@ def run_stage(stage, *, config, workdir: str, mesh, pipeline, frozen: dict,
       writer.write_images(total, {f"{stage.name}/samples": _to_uint8_grid(images)})
   writer.flush()
   return StageResult(state=state, steps_run=total - start_step, wall_time_s=wall,
-                     samples_path=samples_path)
+                     samples_path=samples_path, final_metrics=scalars)
 
 
 def _to_uint8_grid(images: np.ndarray) -> np.ndarray:

@@ -1,0 +1,177 @@
+"""The whole chain on a tiny config: every stage on 1 device and on a (4, 2) mesh of 8 fake CPU
+devices, the handoff between stages, rerunning a finished chain, and resuming a stage."""
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import digits
+from hierdistill import pipeline
+from hierdistill.stages.distribution import DistributionStage
+from hierdistill.stages.trajectory import TrajectoryStage
+
+STAGES = ("teacher", "trajectory", "distribution")
+
+
+class RecordingWriter:
+  """A clu-style metric writer that keeps every scalar, to compare runs."""
+
+  def __init__(self):
+    self.scalars = {}
+
+  def write_scalars(self, step, scalars):
+    for k, v in scalars.items():
+      self.scalars[(k, int(step))] = float(v)
+
+  def write_images(self, step, images):
+    del step, images
+
+  def flush(self):
+    pass
+
+
+def tiny_config(data_dir, **mesh):
+  c = digits.get_config("tiny")
+  c.data.data_dir = data_dir
+  c.mesh.update(mesh)
+  return c
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory, data_dir):
+  workdir = str(tmp_path_factory.mktemp("one_device"))
+  writer = RecordingWriter()
+  config = tiny_config(data_dir, data=1, fsdp=1)
+  summary = pipeline.run(config, workdir, devices=jax.devices()[:1], writer=writer)
+  return workdir, config, writer, summary
+
+
+@pytest.fixture(scope="module")
+def mesh_run(tmp_path_factory, data_dir):
+  workdir = str(tmp_path_factory.mktemp("mesh_4x2"))
+  writer = RecordingWriter()
+  config = tiny_config(data_dir, data=4, fsdp=2)
+  config.stages = STAGES
+  summary = pipeline.run(config, workdir, writer=writer)
+  return workdir, config, writer, summary
+
+
+def test_every_stage_trains_and_leaves_samples(one_device_run):
+  workdir, config, writer, summary = one_device_run
+  for stage in STAGES:
+    s = summary["stages"][stage]
+    assert s["status"] == "trained" and s["steps_run"] == getattr(config, stage).num_steps
+    assert os.path.getsize(s["samples"]) > 0
+    assert np.isfinite(s["final_metrics"]["loss"]), stage
+  assert os.path.exists(os.path.join(workdir, "summary.json"))
+
+
+def test_eval_writes_metrics_for_every_model(one_device_run):
+  workdir, config, _, _ = one_device_run
+  with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+    metrics = json.load(f)
+  names = [r["model"] for r in metrics["rows"]]
+  assert len(names) == len(config.eval.teacher_steps) + 2 * len(config.eval.student_steps)
+  for row in metrics["rows"]:
+    assert np.isfinite(row["FD-digits"]) and row["FD-digits"] >= 0
+    assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
+    assert 0 <= row["class_accuracy"] <= 1
+  assert metrics["feature_net"] == "FD-digits"
+  assert metrics["num_samples"] == config.eval.num_samples
+
+
+def test_mesh_run_matches_one_device(one_device_run, mesh_run):
+  """The (4, 2) mesh computes the same losses as 1 device, within float tolerance."""
+  _, _, one, _ = one_device_run
+  _, _, sharded, _ = mesh_run
+  keys = [k for k in one.scalars
+          if k[0].split("/")[-1] in ("loss", "grad_norm", "dmd_loss", "disc_loss",
+                                     "fake_flow_matching_mse", "meanflow_mse")]
+  assert len(keys) >= 8
+  for k in keys:
+    np.testing.assert_allclose(sharded.scalars[k], one.scalars[k], rtol=2e-3, atol=1e-6,
+                               err_msg=str(k))
+
+
+def test_handoff_generator_starts_as_stage1_ema(one_device_run, data_dir):
+  """Stage 2's first generator output equals stage 1's final EMA output on the same noise."""
+  workdir, config, _, _ = one_device_run
+  chain = pipeline.Chain(config, workdir, devices=jax.devices()[:1], writer=RecordingWriter())
+  nets = chain.nets
+  stage1 = TrajectoryStage(config, nets.student, nets.teacher)
+  stage2 = DistributionStage(config, nets.student, nets.teacher, nets.discriminator)
+  e = jax.random.normal(jax.random.PRNGKey(3), (6,) + chain.dataset.shape)
+  y = jnp.arange(6) % 10
+  x0 = jnp.zeros((1,) + chain.dataset.shape)
+  state = stage2.init(jax.random.PRNGKey(0), x0, jnp.zeros((1,), jnp.int32),
+                      chain.handoff("distribution"))
+  g = stage2.generate(state.params, e, y)
+  sketch = stage1.sample(chain.load_export("trajectory"), e, y)
+  np.testing.assert_array_equal(np.asarray(g), np.asarray(sketch))
+  # The fake network starts as the teacher.
+  jax.tree.map(np.testing.assert_array_equal, state.fake_params, chain.teacher_params)
+
+
+def test_rerunning_a_finished_chain_does_no_work(one_device_run):
+  workdir, config, _, _ = one_device_run
+  config = config.copy_and_resolve_references()
+  summary = pipeline.run(config, workdir, devices=jax.devices()[:1], writer=RecordingWriter())
+  assert all(s["status"] == "finished earlier" for s in summary["stages"].values())
+  assert summary["wall_time_s"] < 15
+
+
+def test_resumed_stage_continues_from_its_last_checkpoint(one_device_run, data_dir, tmp_path):
+  """Losing the final checkpoint, the teacher resumes at step 2 and ends bitwise identical."""
+  ref_workdir, config, _, _ = one_device_run
+  config = config.copy_and_resolve_references()
+  config.stages = ("teacher",)
+  workdir = str(tmp_path / "resumed")
+  shutil.copytree(os.path.join(ref_workdir, "teacher"), os.path.join(workdir, "teacher"))
+  shutil.rmtree(os.path.join(workdir, "teacher", "checkpoints", "4"))  # "killed" after step 2
+  summary = pipeline.run(config, workdir, devices=jax.devices()[:1], writer=RecordingWriter())
+  assert summary["stages"]["teacher"]["steps_run"] == 2
+  ref = pipeline.Chain(config, ref_workdir, devices=jax.devices()[:1], writer=RecordingWriter())
+  new = pipeline.Chain(config, workdir, devices=jax.devices()[:1], writer=RecordingWriter())
+  jax.tree.map(np.testing.assert_array_equal, new.load_export("teacher"),
+               ref.load_export("teacher"))
+
+
+def test_launch_runs_a_stage_and_writes_logs(tmp_path, data_dir):
+  """The command line a user types: console progress, TensorBoard events, a grid, exit 0."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, os.path.join(root, "launch", "main.py"),
+         "--config=" + os.path.join(root, "experiments", "digits.py") + ":tiny",
+         f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+         "--config.stages=('teacher',)", "--config.teacher.num_steps=2"]
+  env = dict(os.environ, XLA_FLAGS="")
+  out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "[teacher] step 2/2" in out.stdout
+  assert "ETA" in out.stdout
+  assert os.listdir(workdir / "tensorboard")
+  assert (workdir / "teacher" / "samples_step2.png").exists()
+  assert (workdir / "config.json").exists()
+
+
+def test_launch_rejects_an_unknown_config_key(tmp_path):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, os.path.join(root, "launch", "main.py"),
+         "--config=" + os.path.join(root, "experiments", "digits.py") + ":tiny",
+         f"--workdir={tmp_path}", "--config.teacher.num_stepz=2"]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  assert "num_stepz" in out.stderr
