@@ -31,11 +31,12 @@ def inception_score(logits_or_probs, splits: int = 10,
     raise ValueError(f"need (N >= splits={splits}, C) predictions, got shape {a.shape}")
   if from_logits:
     log_p = _log_softmax(a)
+    p = np.exp(log_p)
   else:
-    # Renormalise and keep 0 * log 0 = 0: classifiers round confident probabilities to 0.
-    a = a / a.sum(axis=-1, keepdims=True)
-    log_p = np.log(np.where(a > 0, a, 1.0))
-  p = np.exp(log_p)
+    # Renormalise; log 0 is replaced by 0 so that 0 * log 0 = 0 (classifiers round confident
+    # probabilities to exact zeros).
+    p = a / a.sum(axis=-1, keepdims=True)
+    log_p = np.log(np.where(p > 0, p, 1.0))
   scores = []
   for part_p, part_log_p in zip(np.array_split(p, splits), np.array_split(log_p, splits)):
     p_y = part_p.mean(axis=0)
