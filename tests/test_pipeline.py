@@ -175,3 +175,18 @@ def test_launch_rejects_an_unknown_config_key(tmp_path):
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0
   assert "num_stepz" in out.stderr
+
+
+def test_toy2d_chain_runs_with_mode_metrics(tmp_path):
+  """The 2-D experiment end to end: MLP networks, scatter plots, mode coverage in the eval."""
+  from experiments import toy2d
+  config = toy2d.get_config("tiny")
+  workdir = str(tmp_path / "toy2d")
+  summary = pipeline.run(config, workdir, writer=RecordingWriter())
+  for stage in STAGES:
+    assert summary["stages"][stage]["status"] == "trained"
+    assert os.path.getsize(summary["stages"][stage]["samples"]) > 0
+  rows = summary["eval"]["rows"]
+  assert {"mode_coverage", "off_mode_fraction", "FD-points"} <= set(rows[0])
+  for row in rows:
+    assert 0 <= row["mode_coverage"] <= 1 and 0 <= row["off_mode_fraction"] <= 1

@@ -4,9 +4,9 @@ against the same reference set with the same feature net and the same sample cou
 Rows: the teacher at each of config.eval.teacher_steps (its full count, and 1, 2, 4 steps, to
 show what a plain few-step teacher loses), the stage-1 student and the stage-2 student at each
 of config.eval.student_steps. Columns for images: FD in the feature space of the digits
-classifier ("FD-digits", never FID), precision and recall (k = 3), Inception-style score of that
-classifier, class accuracy of class-conditional samples, NFE. For 2-D points: FD on the raw
-coordinates, precision/recall, mode coverage and the off-mode share.
+classifier ("FD-digits", never FID), precision and recall (k = 3), the Inception Score formula
+over that classifier's labels ("IS-digits"), class accuracy of class-conditional samples, NFE.
+For 2-D points: FD on the raw coordinates, precision/recall, mode coverage, off-mode share.
 Writes <workdir>/eval/metrics.json, TensorBoard scalars and a sample grid per row.
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ class _Scorer:
     else:
       apply_fn, info = ev.load_or_train_digits_classifier(data_dir)
       self.info = {"classifier_test_accuracy": info["test_accuracy"]}
-      self.features = lambda x: tuple(np.asarray(a) for a in apply_fn(x))
+      self.features = lambda x: ev.compute_features(apply_fn, x)
       self.feature_name = "FD-digits"
     self.ref_features, _ = self.features(reference_x)
     self.ref_stats = ev.feature_statistics(self.ref_features)
@@ -69,7 +69,8 @@ class _Scorer:
     row = {self.feature_name: ev.frechet_distance(*self.ref_stats, mu, sigma),
            "precision": precision, "recall": recall}
     if logits is not None:
-      row["classifier_score"] = ev.inception_score(logits)[0]
+      # The Inception Score's formula in the digits classifier's label space.
+      row["IS-digits"] = ev.inception_score(logits)[0]
       if self.conditional:
         row["class_accuracy"] = ev.class_accuracy(logits, labels)
     if self.is_points:
@@ -78,11 +79,72 @@ class _Scorer:
     return {k: float(v) for k, v in row.items()}
 
 
+class Evaluator:
+  """Scores models of a pipeline.Chain: same noise, labels, reference, feature net and count.
+
+  evaluator.teacher(params, num_steps) and evaluator.student(params, num_steps) each return one
+  row: {'model', 'nfe', metric columns..., 'sampling_s'}, and keep the samples for grids.
+  """
+
+  def __init__(self, chain):
+    from hierdistill.pipeline import data_dir_of  # pylint: disable=g-import-not-at-top
+    self.chain = chain
+    config = chain.config
+    self.cfg = config.eval
+    self.num_classes = config.model.num_classes
+    self.scorer = _Scorer(config, chain.dataset.x, chain.dataset.y, chain.dataset.name,
+                          data_dir_of(config.data))
+    # One key for every model: the rows differ by the model alone, not by the noise.
+    self.key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xE7A1)
+    self.last_samples = None
+
+  def _row(self, name, nfe, sample_fn, params) -> dict:
+    t0 = time.time()
+    samples, labels = _generate(sample_fn, params, int(self.cfg.num_samples),
+                                int(self.cfg.batch_size), self.chain.dataset.shape,
+                                self.num_classes, self.key, self.chain.mesh)
+    self.last_samples = samples
+    return {"model": name, "nfe": nfe, **self.scorer(samples, labels),
+            "sampling_s": round(time.time() - t0, 2)}
+
+  def teacher(self, params, num_steps: int, name: str = None) -> dict:
+    s = self.chain.config.sample
+    teacher = self.chain.nets.teacher
+
+    def fn(params, noise, y):
+      return sampling.sample_teacher(
+          common.velocity_fn(teacher, params), noise, y, num_steps=num_steps,
+          method=s.teacher_method, cfg_scale=s.cfg_scale, cfg_interval=s.get("cfg_interval"),
+          null_label=self.num_classes)
+
+    name = name or f"teacher ({_steps(num_steps)})"
+    return self._row(name, sampling.teacher_nfe(num_steps, s.teacher_method, s.cfg_scale), fn,
+                     params)
+
+  def student(self, params, num_steps: int, name: str) -> dict:
+    student = self.chain.nets.student
+
+    def fn(params, noise, y):
+      u_fn = lambda z, r, t: common.apply_model(student, params, z, r, t, y)
+      return sampling.flow_map_sample(u_fn, noise, num_steps=num_steps)
+
+    return self._row(f"{name} ({_steps(num_steps)})", num_steps, fn, params)
+
+  def describe(self) -> dict:
+    """What every row was measured with, to store beside the numbers."""
+    return {"feature_net": self.scorer.feature_name, "num_samples": int(self.cfg.num_samples),
+            "reference": f"{self.chain.dataset.name} train split, "
+                         f"{self.scorer.reference_size} examples",
+            **self.scorer.info}
+
+
+def _steps(n: int) -> str:
+  return f"{n} step{'s' if n > 1 else ''}"
+
+
 def run_eval(chain):
   """Measures every finished model of a pipeline.Chain; skipped when metrics.json exists."""
-  from hierdistill.pipeline import data_dir_of  # pylint: disable=g-import-not-at-top
-  config, workdir, nets, dataset = chain.config, chain.workdir, chain.nets, chain.dataset
-  out_dir = os.path.join(workdir, "eval")
+  out_dir = os.path.join(chain.workdir, "eval")
   metrics_path = os.path.join(out_dir, "metrics.json")
   if os.path.exists(metrics_path):
     print(f"[eval] finished earlier: {metrics_path}", flush=True)
@@ -90,60 +152,37 @@ def run_eval(chain):
       return {"metrics_path": metrics_path, **json.load(f)}
   os.makedirs(out_dir, exist_ok=True)
   t0 = time.time()
-  cfg = config.eval
-  scorer = _Scorer(config, dataset.x, dataset.y, dataset.name, data_dir_of(config.data))
-  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xE7A1)
-  num_classes = config.model.num_classes
-  s = config.sample
+  cfg = chain.config.eval
+  evaluator = Evaluator(chain)
 
-  def teacher_sampler(num_steps):
-    def fn(params, noise, y):
-      return sampling.sample_teacher(
-          common.velocity_fn(nets.teacher, params), noise, y, num_steps=num_steps,
-          method=s.teacher_method, cfg_scale=s.cfg_scale, cfg_interval=s.get("cfg_interval"),
-          null_label=num_classes)
-    return fn
-
-  def student_sampler(num_steps):
-    def fn(params, noise, y):
-      u_fn = lambda z, r, t: common.apply_model(nets.student, params, z, r, t, y)
-      return sampling.flow_map_sample(u_fn, noise, num_steps=num_steps)
-    return fn
-
-  rows = []
   models = {}
   for stage in ("teacher", "trajectory", "distribution"):
     try:
       models[stage] = chain.load_export(stage)
     except FileNotFoundError:
-      print(f"[eval] no finished {stage} stage in {workdir}: its rows are left out", flush=True)
+      print(f"[eval] no finished {stage} stage in {chain.workdir}: its rows are left out",
+            flush=True)
   plan = []
   if "teacher" in models:
-    for n in cfg.teacher_steps:
-      plan.append((f"teacher ({n} step{'s' if n > 1 else ''})", "teacher", teacher_sampler(n),
-                   sampling.teacher_nfe(n, s.teacher_method, s.cfg_scale)))
+    plan += [lambda n=n: evaluator.teacher(models["teacher"], n) for n in cfg.teacher_steps]
   for stage, label in (("trajectory", "stage 1 (TD)"), ("distribution", "stage 2 (HD)")):
     if stage in models:
-      for n in cfg.student_steps:
-        plan.append((f"{label} ({n} step{'s' if n > 1 else ''})", stage, student_sampler(n), n))
+      plan += [lambda n=n, stage=stage, label=label: evaluator.student(models[stage], n, label)
+               for n in cfg.student_steps]
 
-  for name, stage, fn, nfe in plan:
-    t_row = time.time()
-    samples, labels = _generate(fn, models[stage], int(cfg.num_samples), int(cfg.batch_size),
-                                dataset.shape, num_classes, key, chain.mesh)
-    row = {"model": name, "nfe": nfe, **scorer(samples, labels)}
-    row["sampling_s"] = round(time.time() - t_row, 2)
+  rows = []
+  for make_row in plan:
+    row = make_row()
     rows.append(row)
-    slug = name.replace(" ", "_").replace("(", "").replace(")", "")
+    slug = row["model"].replace(" ", "_").replace("(", "").replace(")", "")
     if jax.process_index() == 0:
-      chain.save_grid(samples[:int(s.grid_size)], os.path.join(out_dir, f"samples_{slug}.png"))
+      chain.save_grid(evaluator.last_samples[:int(chain.config.sample.grid_size)],
+                      os.path.join(out_dir, f"samples_{slug}.png"))
     chain.writer.write_scalars(0, {f"eval/{slug}/{k}": v for k, v in row.items()
-                             if isinstance(v, (int, float))})
+                                   if isinstance(v, (int, float))})
     print(f"[eval] {_format_row(row)}", flush=True)
 
-  result = {"feature_net": scorer.feature_name, "num_samples": int(cfg.num_samples),
-            "reference": f"{dataset.name} train split, {scorer.reference_size} examples",
-            **scorer.info, "rows": rows, "wall_time_s": round(time.time() - t0, 1)}
+  result = {**evaluator.describe(), "rows": rows, "wall_time_s": round(time.time() - t0, 1)}
   if jax.process_index() == 0:
     with open(metrics_path, "w") as f:
       json.dump(result, f, indent=2)

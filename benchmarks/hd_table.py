@@ -1,0 +1,173 @@
+"""The paper's comparison in miniature: what each stage of Hierarchical Distillation buys.
+
+For each seed: train the teacher and stage 1 once, then four stage-2 variants from them, and
+score every model with the same noise, labels, reference set, feature net and sample count:
+
+  teacher (N steps) | teacher (1 step) | TD only (stage 1) | DMD only (stage 2 from the teacher)
+  | HD without the adversarial term | HD + mean-pooled discriminator | HD + AWD
+
+Prints a markdown table of mean +- std over seeds, writes it (and the per-seed rows as JSON) under
+the workdir, and for 2-D data a scatter plot per row over the real data.
+
+  python benchmarks/hd_table.py --experiment=digits --seeds=0,1,2
+  python benchmarks/hd_table.py --experiment=toy2d --seeds=0,1,2
+
+Rerunning resumes: finished trainings are reused. 'train_s' is the wall time of the training a
+row needs beyond the teacher (teacher rows: the teacher's own), measured in the run that trained.
+"""
+import ast
+import json
+import os
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+import numpy as np  # noqa: E402
+
+_EXPERIMENT = flags.DEFINE_enum("experiment", "digits", ["digits", "toy2d"], "Which experiment.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds, one full comparison each.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/hd_table", "Where the runs and tables go.")
+_SET = flags.DEFINE_multi_string(
+    "set", [], "Config overrides for every run, e.g. --set=distribution.num_steps=200.")
+
+# Stage-2 variants: overrides of config.distribution.
+VARIANTS = {
+    "DMD only": dict(init_from="teacher", gen_adv_weight=0.0, disc_weight=0.0),
+    "HD, no adversarial term": dict(gen_adv_weight=0.0, disc_weight=0.0),
+    "HD + mean-pooled discriminator": {"discriminator.pooling": "mean"},
+    "HD + AWD": {},
+}
+METRICS = {
+    "digits": ("FD-digits", "precision", "recall", "class_accuracy"),
+    "toy2d": ("FD-points", "precision", "recall", "mode_coverage", "off_mode_fraction"),
+}
+
+
+def _config(seed: int):
+  if _EXPERIMENT.value == "digits":
+    from experiments import digits as exp  # pylint: disable=g-import-not-at-top
+  else:
+    from experiments import toy2d as exp  # pylint: disable=g-import-not-at-top
+  config = exp.get_config()
+  config.seed = seed
+  for item in _SET.value:
+    key, value = item.split("=", 1)
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value if isinstance(node[leaf], str) else ast.literal_eval(value)
+  return config
+
+
+def _apply(config, overrides):
+  for key, value in overrides.items():
+    node = config.distribution
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def _train(config, workdir, stages):
+  """Runs `stages` under workdir; returns their wall times (kept across reruns in times.json)."""
+  from hierdistill import pipeline  # pylint: disable=g-import-not-at-top
+  times_path = os.path.join(workdir, "times.json")
+  times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+  config.stages = stages
+  summary = pipeline.run(config, workdir)
+  for name, s in summary["stages"].items():
+    if s["status"] == "trained":
+      times[name] = s["wall_time_s"]
+  with open(times_path, "w") as f:
+    json.dump(times, f)
+  return times
+
+
+def run_seed(seed: int, out_dir: str) -> list[dict]:
+  from hierdistill import pipeline  # pylint: disable=g-import-not-at-top
+  from hierdistill.stages.evaluate import Evaluator  # pylint: disable=g-import-not-at-top
+
+  root = os.path.join(_WORKDIR.value, _EXPERIMENT.value, f"seed{seed}")
+  base_dir = os.path.join(root, "base")
+  base_times = _train(_config(seed), base_dir, ("teacher", "trajectory"))
+  variant_times = {}
+  for name, overrides in VARIANTS.items():
+    vdir = os.path.join(root, name.replace(" ", "_").replace(",", "").replace("+", "plus"))
+    for stage in ("teacher", "trajectory"):  # the shared upstream, copied once
+      if not os.path.exists(os.path.join(vdir, stage)):
+        shutil.copytree(os.path.join(base_dir, stage), os.path.join(vdir, stage))
+    variant_times[name] = (vdir, _train(_apply(_config(seed), overrides), vdir,
+                                        ("distribution",)).get("distribution", float("nan")))
+
+  chain = pipeline.Chain(_config(seed), base_dir)
+  ev = Evaluator(chain)
+  teacher = chain.load_export("teacher")
+  n = int(chain.config.sample.teacher_steps)
+  rows = []
+
+  def add(row, train_s):
+    row["train_s"] = train_s
+    rows.append(row)
+    print(f"[hd_table seed {seed}] {row}", flush=True)
+    if seed == int(_SEEDS.value[0]):
+      slug = row["model"].split(" (")[0].replace(" ", "_").replace(",", "").replace("+", "plus")
+      chain.save_grid(ev.last_samples[:int(chain.config.sample.grid_size)],
+                      os.path.join(out_dir, f"{_EXPERIMENT.value}_{slug}.png"))
+
+  add(ev.teacher(teacher, n), base_times.get("teacher", float("nan")))
+  add(ev.teacher(teacher, 1, name="teacher (1 step)"), base_times.get("teacher", float("nan")))
+  add(ev.student(chain.load_export("trajectory"), 1, "TD only (stage 1)"),
+      base_times.get("trajectory", float("nan")))
+  for name, (vdir, stage2_s) in variant_times.items():
+    vchain = pipeline.Chain(_apply(_config(seed), VARIANTS[name]), vdir)
+    upstream = 0.0 if VARIANTS[name].get("init_from") == "teacher" else base_times.get(
+        "trajectory", float("nan"))
+    add(ev.student(vchain.load_export("distribution"), 1, name), upstream + stage2_s)
+  return rows
+
+
+def table(per_seed: list[list[dict]]) -> str:
+  cols = METRICS[_EXPERIMENT.value] + ("nfe", "train_s")
+  lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+  for i, row in enumerate(per_seed[0]):
+    cells = []
+    for c in cols:
+      values = np.array([rows[i][c] for rows in per_seed], np.float64)
+      if c == "nfe":
+        cells.append(f"{int(values[0])}")
+      elif c == "train_s":
+        cells.append(f"{np.mean(values):.0f}")
+      else:
+        cells.append(f"{np.mean(values):.3f} +- {np.std(values):.3f}")
+    lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_threefry_partitionable", True)
+  out_dir = os.path.join(_WORKDIR.value, _EXPERIMENT.value)
+  os.makedirs(out_dir, exist_ok=True)
+  t0 = time.time()
+  per_seed = [run_seed(int(s), out_dir) for s in _SEEDS.value]
+  text = (f"{_EXPERIMENT.value}, seeds {','.join(_SEEDS.value)}, mean +- std; "
+          f"total wall time {time.time() - t0:.0f} s\n\n" + table(per_seed))
+  with open(os.path.join(out_dir, "table.md"), "w") as f:
+    f.write(text + "\n")
+  with open(os.path.join(out_dir, "rows.json"), "w") as f:
+    json.dump(per_seed, f, indent=2)
+  print(text)
+
+
+if __name__ == "__main__":
+  app.run(main)
