@@ -22,7 +22,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   # (regex over parameter paths, 'fsdp' | 'replicate'); first match wins (sharding.py).
   c.sharding_rules = ((".*", "fsdp"),)
-  # Steps whose loss or gradient is not finite are skipped; this many logged in a row stop the run.
+  # Steps whose loss or gradient is not finite are skipped (and counted); this many in a row
+  # stop the run, its checkpoints kept (docs/reliability.md).
   c.max_consecutive_nonfinite = 20
 
   c.data = ml_collections.ConfigDict(dict(
@@ -40,10 +41,13 @@ def base_config() -> ml_collections.ConfigDict:
       class_dropout_prob=0.1, feature_layers=(1, 3), dtype="float32", param_dtype="float32",
       remat=False))
 
-  # Stage 0: the teacher, trained by flow matching.
+  # Stage 0: the teacher, trained by flow matching. init_checkpoint: a directory of exported
+  # teacher params (e.g. <run>/teacher/checkpoints/<step>/export) to distil instead of training
+  # one here; '' = this run's teacher stage.
   c.teacher = ml_collections.ConfigDict(dict(
       num_steps=4000, batch_size=64, log_every=200, checkpoint_every=1000, keep=2,
-      ema_decay=0.999, t_mu=0.0, t_sigma=1.0, optimizer=optimizer(1e-3, warmup_steps=200)))
+      ema_decay=0.999, t_mu=0.0, t_sigma=1.0, optimizer=optimizer(1e-3, warmup_steps=200),
+      init_checkpoint=""))
 
   # Stage 1: MeanFlow trajectory distillation (METHOD.md).
   c.trajectory = ml_collections.ConfigDict(dict(
@@ -76,7 +80,10 @@ def base_config() -> ml_collections.ConfigDict:
           tau=1.0)),  # softmax temperature of the AWD token weights
       optimizer=optimizer(1e-4, warmup_steps=0, b1=0.0, b2=0.99),
       fake_optimizer=optimizer(1e-4, warmup_steps=0, b1=0.0, b2=0.99),
-      disc_optimizer=optimizer(1e-4, warmup_steps=0, b1=0.0, b2=0.99)))
+      # A fresh head needs a faster rate than the pretrained networks: at 1e-4 the AWD
+      # weights stayed uniform for 400 steps on digits (effective tokens 15.6 of 16); at 1e-3
+      # they concentrate (about 11 of 16) and one-step FD-digits improved 8.6 -> 8.2.
+      disc_optimizer=optimizer(1e-3, warmup_steps=0, b1=0.0, b2=0.99)))
 
   # Sample grids: the same noise and labels for every stage.
   c.sample = ml_collections.ConfigDict(dict(

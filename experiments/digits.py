@@ -13,7 +13,7 @@ def get_config(arg=None):
   if arg == "tiny":
     for stage in (c.teacher, c.trajectory, c.distribution):
       stage.num_steps, stage.batch_size = 4, 16
-      stage.log_every, stage.checkpoint_every = 2, 2
+      stage.log_every, stage.checkpoint_every = 1, 2
     c.model.update(hidden_size=32, depth=2, num_heads=2, feature_layers=(0, 1))
     c.distribution.discriminator.hidden = 16
     c.sample.update(grid_size=20, teacher_steps=4)

@@ -7,23 +7,34 @@ Layout: <workdir>/<stage>/checkpoints/<step>/{state, meta[, export]}
 
 Resume order (the one place it is written): a stage restores
   1. its own newest checkpoint that restores cleanly (a corrupt newer one is skipped with a
-     warning, never deleted), else
-  2. its init source: stage 1 from the teacher's export, stage 2 from stage 1's export (and the
-     teacher for its fake network), else
+     warning and moved to <workdir>/<stage>/corrupt_checkpoints/, never deleted; if none
+     restores, the run stops with CheckpointError rather than start the stage over), else
+  2. its init source: stage 1 from the teacher's export (or config.teacher.init_checkpoint, a
+     directory of exported params), stage 2 from stage 1's export (and the teacher for its fake
+     network), else
   3. scratch (only the teacher stage may start from scratch).
 Restores always target abstract arrays that carry the *current* mesh's shardings, so a run
-saved on 8 devices resumes on 1, or on another mesh.
+saved on 8 devices resumes on 1, or on another mesh. A save killed half-way leaves
+<step>.orbax-checkpoint-tmp, which orbax neither lists nor restores, and replaces on the next save.
 """
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from typing import Any, Optional
 
 from absl import logging
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
 from hierdistill import sharding as shard_lib
+from hierdistill.config_checks import ConfigError
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint of a stage restores: the run stops rather than start that stage over."""
 
 
 def stage_dir(workdir: str, stage: str) -> str:
@@ -63,33 +74,71 @@ class StageCheckpoints:
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
-  def restore_latest(self, abstract_state: Any) -> Optional[tuple[Any, dict, int]]:
-    """(state, meta, step) from the newest checkpoint that restores, or None if none does.
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """(state, meta) of the checkpoint at `step`, placed as the abstract state's shardings say."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    return restored.state, dict(restored.meta)
 
-    A checkpoint that fails to restore (truncated or deleted files) is reported and skipped,
-    and left on disk for inspection: a good checkpoint is never deleted because a later one
-    failed.
+  def restore_latest(self, abstract_state: Any) -> Optional[tuple[Any, dict, int]]:
+    """(state, meta, step) from the newest checkpoint that restores; None if there is none.
+
+    A checkpoint that fails to restore (truncated or deleted files) is reported with its step
+    and skipped; once an older one restores, the failed ones are moved aside (a later save at
+    their step would otherwise collide with them, and garbage collection could drop the good
+    one in their favour). A good checkpoint is never deleted because a later one failed. If
+    checkpoints exist but none restores, CheckpointError: starting over would throw a run away.
     """
+    failures = []
     for step in reversed(self.steps()):
       try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        return restored.state, dict(restored.meta), step
-      except Exception as e:  # orbax raises many types for damaged files  # pylint: disable=broad-except
-        logging.warning("%s: checkpoint at step %d does not restore (%s: %s); trying an older "
-                        "one.", self.stage, step, type(e).__name__, str(e).splitlines()[0][:200])
+        state, meta = self.restore(step, abstract_state)
+      # orbax raises many types for damaged files
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("%s: the checkpoint at step %d does not restore (%s); trying an older "
+                        "one.", self.stage, step, _one_line(e))
+        failures.append((step, e))
+        continue
+      for bad_step, _ in failures:
+        self.quarantine(bad_step)
+      return state, meta, step
+    if failures:
+      step, e = failures[0]
+      raise CheckpointError(
+          f"{self.stage}: no checkpoint under {self.directory} restores (the newest, step "
+          f"{step}: {_one_line(e)}); fix or move that directory aside to start the stage over.")
     return None
 
+  def quarantine(self, step: int) -> str:
+    """Moves a damaged checkpoint out of the manager's sight, for inspection; returns where."""
+    dest = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints", str(step))
+    if os.path.exists(dest):
+      dest += f".{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(dest), exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), dest)
+    _sync(f"quarantine_{self.stage}_{step}")
+    self._manager.reload()
+    logging.warning("%s: moved the damaged checkpoint of step %d to %s.", self.stage, step, dest)
+    return dest
+
   def restore_export(self, abstract_params: Any) -> Optional[Any]:
-    """The exported (EMA) parameters of this stage's final checkpoint, or None."""
+    """The exported (EMA) parameters of this stage's final checkpoint, or None if it has none.
+
+    Raises CheckpointError, after moving the checkpoint aside, if the export does not restore.
+    """
     step = self.latest_step()
-    if step is None:
+    if step is None or not os.path.isdir(os.path.join(self.directory, str(step), "export")):
       return None
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           export=ocp.args.StandardRestore(abstract_params)))
-    except (KeyError, ValueError, FileNotFoundError):
-      return None
+    except Exception as e:  # damaged files, as in restore_latest  # pylint: disable=broad-except
+      where = self.quarantine(step)
+      raise CheckpointError(
+          f"{self.stage}: the final checkpoint at step {step} does not restore "
+          f"({_one_line(e)}); moved it to {where}. Rerun to redo the stage from its newest good "
+          "checkpoint.") from e
     return restored.export
 
   def read_meta(self, step: int) -> dict:
@@ -103,8 +152,20 @@ class StageCheckpoints:
 
 def is_finished(workdir: str, stage: str, num_steps: int) -> bool:
   """A stage is finished when its checkpoint at its last step holds an export."""
-  path = os.path.join(stage_dir(workdir, stage), "checkpoints", str(num_steps), "export")
-  return os.path.isdir(path)
+  return os.path.isdir(export_dir(workdir, stage, num_steps))
+
+
+def export_dir(workdir: str, stage: str, num_steps: int) -> str:
+  """Where a finished stage's EMA params are: a directory that load_params reads."""
+  return os.path.join(stage_dir(workdir, stage), "checkpoints", str(num_steps), "export")
+
+
+def saved_steps(workdir: str, stage: str) -> list[int]:
+  """Steps of a stage's finished checkpoints, read from the directory names (no orbax)."""
+  directory = os.path.join(stage_dir(workdir, stage), "checkpoints")
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
 
 def load_export(workdir: str, stage: str, abstract_params: Any, shardings: Any) -> Any:
@@ -119,6 +180,61 @@ def load_export(workdir: str, stage: str, abstract_params: Any, shardings: Any) 
         f"stage {stage!r} has no finished checkpoint under {ckpt.directory}; run that stage first "
         f"(add it to config.stages) or point to an existing workdir.")
   return params
+
+
+def load_params(path: str, abstract_params: Any, shardings: Any) -> Any:
+  """Params from a directory of exported params (a stage's export, or StandardCheckpointer's)."""
+  target = shard_lib.with_shardings(abstract_params, shardings)
+  # The handler, not a Checkpointer: a stage's export is an item directory, without the
+  # step-level metadata a Checkpointer looks for (and warns about).
+  return ocp.StandardCheckpointHandler().restore(
+      epath.Path(os.path.abspath(path)), args=ocp.args.StandardRestore(target))
+
+
+def check_params_fit(path: str, abstract_params: Any, *, what: str, fix: str) -> None:
+  """ConfigError naming the first parameter whose presence or shape differs from the model's.
+
+  Reads only the checkpoint's metadata: nothing is loaded, nothing compiles. `what` names the
+  checkpoint in the message (e.g. 'config.teacher.init_checkpoint=DIR'), `fix` says what to do.
+  """
+  if not os.path.isdir(path):
+    raise ConfigError(f"{what}: no such directory; point it to a directory of exported params, "
+                      "e.g. <run>/teacher/checkpoints/<step>/export.")
+  try:
+    tree = ocp.StandardCheckpointHandler().metadata(epath.Path(os.path.abspath(path))).tree
+  except Exception as e:  # pylint: disable=broad-except  # not a checkpoint, or a damaged one
+    raise ConfigError(f"{what} is not a params checkpoint that orbax reads ({_one_line(e)}); "
+                      "point it to a directory of exported params, e.g. "
+                      "<run>/teacher/checkpoints/<step>/export.") from None
+  saved = {shard_lib.path_str(p): tuple(leaf.shape)
+           for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+    name = shard_lib.path_str(p)
+    if name not in saved:
+      raise ConfigError(f"{what} does not fit the model: it lacks parameter {name!r}; {fix}")
+    if saved[name] != tuple(leaf.shape):
+      raise ConfigError(f"{what} does not fit the model: parameter {name!r} has shape "
+                        f"{saved[name]} there but {tuple(leaf.shape)} here; {fix}")
+  model = {shard_lib.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+      abstract_params)[0]}
+  extra = sorted(set(saved) - model)
+  if extra:
+    raise ConfigError(f"{what} does not fit the model: it has parameter {extra[0]!r}, which the "
+                      f"model lacks; {fix}")
+
+
+def _one_line(e: BaseException) -> str:
+  """The gist of an orbax/TensorStore error: its type and first line, without the spec dump."""
+  text = str(e).strip().splitlines()
+  first = text[0].split(" See full TensorStore details")[0][:200] if text else ""
+  return f"{type(e).__name__}: {first}".rstrip(": ")
+
+
+def _sync(name: str) -> None:
+  """A barrier across processes (a no-op in one), so all see a directory moved by process 0."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
 
 
 def abstract_like(tree: Any) -> Any:

@@ -1,48 +1,126 @@
 """Checks of a run's config that must fail before anything compiles or is written.
 
-Each error is one line naming the key, the problem and the fix.
+Each error is one line naming the key, the problem and the fix. Every mistake a user can make
+(a config, a flag, a workdir, a checkpoint given as input) raises ConfigError; launch/main.py
+prints it as `error: ...` and exits with EXIT_CODE. Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import re
+
 STAGE_ORDER = ("teacher", "trajectory", "distribution", "eval")
+TRAINING_STAGES = ("teacher", "trajectory", "distribution")
 DISCRIMINATOR_POOLINGS = ("awd", "mean")
 FEATURE_SOURCES = ("fake", "teacher")
 INIT_SOURCES = ("trajectory", "teacher")
+EXIT_CODE = 2  # the conventional exit status of a command-line usage error
+
+
+class ConfigError(ValueError):
+  """A mistake in what the user asked for; its message is one line: the problem and the fix."""
+
+
+def _check_int(value, key: str, minimum: int = 1) -> None:
+  # bool is an int to Python, but `num_steps=True` is a mistake, not 1.
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise ConfigError(f"config.{key}={value!r} is a {type(value).__name__}; give an integer.")
+  if value < minimum:
+    raise ConfigError(f"config.{key}={value} must be an integer >= {minimum}.")
 
 
 def validate_config(config) -> None:
-  """Raises ValueError with a one-line message on the first problem found."""
+  """Raises ConfigError with a one-line message on the first problem found.
+
+  Needs only the config: no devices, no data, no files (those are checked by the pipeline).
+  """
   stages = tuple(config.stages)
   if not stages:
-    raise ValueError("config.stages is empty; name at least one of " + ", ".join(STAGE_ORDER))
+    raise ConfigError("config.stages is empty; name at least one of " + ", ".join(STAGE_ORDER))
   for s in stages:
     if s not in STAGE_ORDER:
-      raise ValueError(f"config.stages: unknown stage {s!r}; choose from {STAGE_ORDER}.")
+      raise ConfigError(f"config.stages: unknown stage {s!r}; choose from {STAGE_ORDER}.")
   order = [STAGE_ORDER.index(s) for s in stages]
   if order != sorted(order) or len(set(order)) != len(order):
-    raise ValueError(f"config.stages={stages} is not in the order {STAGE_ORDER} (each at most "
-                     "once); a stage's input comes from the one before it.")
-  for s in stages:
-    if s == "eval":
-      continue
+    raise ConfigError(f"config.stages={stages} is not in the order {STAGE_ORDER} (each at most "
+                      "once); a stage's input comes from the one before it.")
+  for s in TRAINING_STAGES:
     cfg = getattr(config, s)
     for key in ("num_steps", "batch_size", "log_every", "checkpoint_every"):
-      if int(cfg[key]) < 1:
-        raise ValueError(f"config.{s}.{key}={cfg[key]} must be a positive integer.")
+      _check_int(cfg[key], f"{s}.{key}")
+    if cfg.get("keep") is not None:
+      _check_int(cfg.keep, f"{s}.keep")
+  _check_int(config.get("max_consecutive_nonfinite", 20), "max_consecutive_nonfinite")
+  for rule in config.get("sharding_rules", ()):
+    if len(rule) != 2 or rule[1] not in ("fsdp", "replicate"):
+      raise ConfigError(f"config.sharding_rules: {tuple(rule)!r} is not (regex, 'fsdp' | "
+                        "'replicate'); fix that rule.")
+    try:
+      re.compile(rule[0])
+    except re.error as e:
+      raise ConfigError(f"config.sharding_rules: {rule[0]!r} is not a regex ({e}); fix that "
+                        "rule.") from None
+  for key in ("num_samples", "batch_size"):
+    _check_int(config.eval[key], f"eval.{key}")
+
+  init_checkpoint = config.teacher.get("init_checkpoint") or ""
+  if not isinstance(init_checkpoint, str):
+    raise ConfigError(f"config.teacher.init_checkpoint={init_checkpoint!r} must be a path "
+                      "(a string), or '' to use this run's teacher stage.")
+  if init_checkpoint and "teacher" in stages:
+    raise ConfigError(f"config.teacher.init_checkpoint={init_checkpoint!r} imports a trained "
+                      "teacher, yet config.stages also trains one; drop 'teacher' from "
+                      "config.stages, or set --config.teacher.init_checkpoint=''.")
+
+  from hierdistill import data  # pylint: disable=g-import-not-at-top  (numpy only)
+  if config.data.name not in data.DATASETS:
+    raise ConfigError(f"config.data.name={config.data.name!r}: no such data set; choose from "
+                      f"{data.DATASETS}.")
+
   dist = config.distribution
   if dist.discriminator.pooling not in DISCRIMINATOR_POOLINGS:
-    raise ValueError(f"config.distribution.discriminator.pooling={dist.discriminator.pooling!r}; "
-                     f"choose from {DISCRIMINATOR_POOLINGS}.")
+    raise ConfigError(f"config.distribution.discriminator.pooling="
+                      f"{dist.discriminator.pooling!r}; choose from {DISCRIMINATOR_POOLINGS}.")
   if dist.discriminator.features not in FEATURE_SOURCES:
-    raise ValueError(f"config.distribution.discriminator.features="
-                     f"{dist.discriminator.features!r}; choose from {FEATURE_SOURCES}.")
+    raise ConfigError(f"config.distribution.discriminator.features="
+                      f"{dist.discriminator.features!r}; choose from {FEATURE_SOURCES}.")
   if dist.init_from not in INIT_SOURCES:
-    raise ValueError(f"config.distribution.init_from={dist.init_from!r}; choose from "
-                     f"{INIT_SOURCES}.")
-  if int(dist.update_ratio) < 1:
-    raise ValueError(f"config.distribution.update_ratio={dist.update_ratio} must be >= 1 "
-                     "(critic updates per generator update).")
+    raise ConfigError(f"config.distribution.init_from={dist.init_from!r}; choose from "
+                      f"{INIT_SOURCES}.")
+  _check_int(dist.update_ratio, "distribution.update_ratio")  # critic updates per G update
   m = config.model
   if m.name == "dit" and m.input_size % m.patch_size:
-    raise ValueError(f"config.model.input_size={m.input_size} is not divisible by "
-                     f"config.model.patch_size={m.patch_size}; pick a patch size that divides it.")
+    raise ConfigError(f"config.model.input_size={m.input_size} is not divisible by "
+                      f"config.model.patch_size={m.patch_size}; pick a patch size that divides "
+                      "it.")
+
+
+def check_batch_sizes(config, num_devices: int, num_processes: int = 1) -> None:
+  """Every batch of the run (each training stage's, eval's) must split evenly over the mesh."""
+  keys = [f"{s}.batch_size" for s in config.stages if s in TRAINING_STAGES]
+  if "eval" in config.stages:
+    keys.append("eval.batch_size")
+  for key in keys:
+    block, name = key.split(".")
+    b = int(config[block][name])
+    if b % num_devices:
+      raise ConfigError(f"config.{key}={b} is not divisible by the {num_devices} devices of the "
+                        f"mesh; use a multiple of {num_devices}.")
+    if b % num_processes:
+      raise ConfigError(f"config.{key}={b} is not divisible by the {num_processes} processes; "
+                        f"use a multiple of {num_processes}.")
+
+
+def check_data_matches_model(dataset, config) -> None:
+  """The data set's class count and example shape are what the model is built for."""
+  if dataset.num_classes != config.model.num_classes:
+    raise ConfigError(
+        f"config.model.num_classes={config.model.num_classes} but the data set "
+        f"{config.data.name!r} has {dataset.num_classes} classes; set "
+        f"--config.model.num_classes={dataset.num_classes}.")
+  m = config.model
+  if m.name == "dit" and tuple(dataset.shape) != (m.input_size, m.input_size, m.in_channels):
+    h, _, c = dataset.shape if len(dataset.shape) == 3 else (None, None, None)
+    raise ConfigError(
+        f"config.model expects {m.input_size}x{m.input_size}x{m.in_channels} images but "
+        f"{config.data.name!r} has examples of shape {tuple(dataset.shape)}; set "
+        f"--config.model.input_size={h} --config.model.in_channels={c}.")

@@ -13,14 +13,17 @@ import os
 import time
 from typing import Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from hierdistill import checkpoint as ckpt_lib
+from hierdistill import config_checks
 from hierdistill import models as models_lib
 from hierdistill import sharding as shard_lib
-from hierdistill.config_checks import STAGE_ORDER, validate_config
+from hierdistill import workdir as workdir_lib
+from hierdistill.config_checks import STAGE_ORDER, ConfigError, validate_config
 from hierdistill.stages import loop
 from hierdistill.stages.distribution import DistributionStage
 from hierdistill.stages.teacher import TeacherStage
@@ -33,20 +36,25 @@ class Networks:
   """The Flax modules of a run: teacher/fake network, student/generator, discriminator head."""
 
   def __init__(self, config):
-    net = models_lib.build(config.model)
+    try:  # the registry raises ValueError only for what the config asks (a key, a size, a dtype)
+      net = models_lib.build(config.model)
+      self.discriminator = models_lib.build_discriminator(config.distribution.discriminator,
+                                                          ignore=("features",))
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
     self.teacher = net.clone(interval_conditioning=False)
     self.student = net.clone(interval_conditioning=True)
-    self.discriminator = models_lib.build_discriminator(config.distribution.discriminator,
-                                                        ignore=("features",))
 
   def abstract_params(self, shape, student: bool):
     """Shapes of the teacher's or the student's params, allocating nothing."""
     net = self.student if student else self.teacher
-    x = jnp.zeros((1,) + tuple(shape), jnp.float32)
-    t = jnp.ones((1,))
+    # Abstract inputs too: concrete ones would compile (zeros, ones) before the checks are done.
+    x = jax.ShapeDtypeStruct((1,) + tuple(shape), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.float32)
+    y = jax.ShapeDtypeStruct((1,), jnp.int32)
     return jax.eval_shape(
-        lambda: net.init(jax.random.PRNGKey(0), x, t if student else None, t,
-                         jnp.zeros((1,), jnp.int32))["params"])
+        lambda x, t, y: net.init(jax.random.PRNGKey(0), x, t if student else None, t, y)["params"],
+        x, t, y)
 
 
 def build_stage(name: str, config, nets: Networks):
@@ -72,22 +80,77 @@ class Chain:
   """One run of the chain under a workdir: its mesh, data, networks and stage handoffs.
 
   devices: the devices to build the mesh over (default all); writer: a clu metric writer
-  (default TensorBoard under <workdir>/tensorboard plus the console).
+  (default TensorBoard under <workdir>/tensorboard plus the console); overwrite: move aside a
+  run of a different config found in workdir instead of refusing to start.
+
+  Everything a user can get wrong (config, devices, data, workdir, input checkpoints) is checked
+  here, before anything compiles or is written, and raises ConfigError.
   """
 
-  def __init__(self, config, workdir: str, *, devices=None, writer=None):
+  def __init__(self, config, workdir: str, *, devices=None, writer=None, overwrite=False):
     validate_config(config)
     self.config = config
     self.workdir = workdir
     self.mesh = shard_lib.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
+    config_checks.check_batch_sizes(config, self.mesh.devices.size, jax.process_count())
     self.dataset = load_train_set(config.data)
-    _check_data_matches_model(self.dataset, config)
+    config_checks.check_data_matches_model(self.dataset, config)
     self.nets = Networks(config)
+    workdir_lib.check_writable(workdir)
+    replace = workdir_lib.check_previous_run(config, workdir, overwrite)
+    self._check_inputs(ignore_workdir=replace)
+    if replace:
+      workdir_lib.move_aside(workdir)
     self.grid = grid_inputs(config, self.dataset.shape)
     os.makedirs(workdir, exist_ok=True)
-    _write_config(config, workdir)
+    workdir_lib.write_config(config, workdir)
     self.writer = writer or _make_writer(workdir)
     self._teacher = None
+
+  def _check_inputs(self, ignore_workdir: bool) -> None:
+    """Each stage to run finds its inputs, and they fit the model (read from metadata only).
+
+    Stages 1 and 2 need a teacher: this run's teacher stage (run now or finished in workdir) or
+    config.teacher.init_checkpoint. Stage 2 starting fresh from stage 1 needs stage 1's export.
+    """
+    config, stages = self.config, tuple(self.config.stages)
+    done = lambda s: (not ignore_workdir and ckpt_lib.is_finished(
+        self.workdir, s, int(getattr(config, s).num_steps)))
+    teacher_fix = ("set config.model to the teacher's architecture, or point "
+                   "--config.teacher.init_checkpoint to a teacher of this model.")
+    init_checkpoint = config.teacher.get("init_checkpoint")
+    if init_checkpoint:
+      ckpt_lib.check_params_fit(
+          init_checkpoint, self.exported_shapes("teacher")[0],
+          what=f"config.teacher.init_checkpoint={init_checkpoint}", fix=teacher_fix)
+    elif "teacher" in stages or ({"trajectory", "distribution"} & set(stages)):
+      if done("teacher"):
+        ckpt_lib.check_params_fit(
+            self._export_dir("teacher"), self.exported_shapes("teacher")[0],
+            what=f"the teacher checkpoint in {self.workdir}", fix=teacher_fix)
+      elif "teacher" not in stages:
+        needy = next(s for s in stages if s in ("trajectory", "distribution"))
+        raise ConfigError(
+            f"stage {needy!r} needs a teacher, but {self.workdir} has no finished teacher "
+            "stage and config.teacher.init_checkpoint is empty; add 'teacher' to config.stages, "
+            "or set --config.teacher.init_checkpoint=DIR (a directory of exported params).")
+    fresh_from_stage1 = ("distribution" in stages and "trajectory" not in stages
+                         and config.distribution.init_from == "trajectory"
+                         and (ignore_workdir
+                              or not ckpt_lib.saved_steps(self.workdir, "distribution")))
+    if fresh_from_stage1:
+      if not done("trajectory"):
+        raise ConfigError(
+            f"stage 'distribution' starts from stage 1's result, but {self.workdir} has no "
+            "finished trajectory stage; add 'trajectory' to config.stages, or set "
+            "--config.distribution.init_from=teacher (DMD without stage 1).")
+      ckpt_lib.check_params_fit(
+          self._export_dir("trajectory"), self.exported_shapes("trajectory")[0],
+          what=f"the trajectory checkpoint in {self.workdir}",
+          fix="set config.model to the architecture that run used.")
+
+  def _export_dir(self, stage: str) -> str:
+    return ckpt_lib.export_dir(self.workdir, stage, int(getattr(self.config, stage).num_steps))
 
   def exported_shapes(self, stage: str):
     """(abstract params, shardings) of what `stage` exports: its EMA params."""
@@ -95,11 +158,16 @@ class Chain:
     return abstract, shard_lib.state_shardings(abstract, self.mesh, self.config.sharding_rules)
 
   def load_export(self, stage: str):
+    """A finished stage's EMA params; the teacher's come from config.teacher.init_checkpoint
+    when that is set."""
+    init_checkpoint = self.config.teacher.get("init_checkpoint")
+    if stage == "teacher" and init_checkpoint:
+      return ckpt_lib.load_params(init_checkpoint, *self.exported_shapes("teacher"))
     return ckpt_lib.load_export(self.workdir, stage, *self.exported_shapes(stage))
 
   @property
   def teacher_params(self):
-    """The frozen teacher (EMA params of the teacher stage), loaded on first use."""
+    """The frozen teacher, loaded on first use."""
     if self._teacher is None:
       self._teacher = self.load_export("teacher")
     return self._teacher
@@ -108,7 +176,7 @@ class Chain:
     """Images as a PNG grid; 2-D points as a scatter plot over the real data."""
     from hierdistill.evaluation import grids  # pylint: disable=g-import-not-at-top
     if len(self.dataset.shape) == 1:
-      grids.scatter_png([self.dataset.x, samples], path)
+      grids.scatter_png([self.dataset.x, samples], ["grey", "red"], path)
     else:
       grids.save_image_grid(samples, path)
 
@@ -144,7 +212,7 @@ class Chain:
     """Trains one stage to its num_steps (resuming); a finished stage is skipped."""
     from hierdistill import data as data_lib  # pylint: disable=g-import-not-at-top
     cfg = getattr(self.config, name)
-    if ckpt_lib.is_finished(self.workdir, name, int(cfg.num_steps)):
+    if ckpt_lib.is_finished(self.workdir, name, int(cfg.num_steps)) and self._export_ok(name):
       print(f"[{name}] finished earlier ({cfg.num_steps} steps): skipped", flush=True)
       return {"status": "finished earlier"}
     stage = build_stage(name, self.config, self.nets)
@@ -161,6 +229,21 @@ class Chain:
     return {"status": "trained", "steps_run": result.steps_run,
             "wall_time_s": round(result.wall_time_s, 1), "samples": result.samples_path,
             "final_metrics": result.final_metrics}
+
+  def _export_ok(self, name: str) -> bool:
+    """Whether a finished stage's export restores (the teacher's is kept: it is used next).
+
+    A damaged final checkpoint is moved aside with a warning (checkpoint.py), and the stage
+    then resumes from its newest good checkpoint instead of being skipped.
+    """
+    try:
+      params = self.load_export(name)
+    except ckpt_lib.CheckpointError as e:
+      logging.warning("%s", e)
+      return False
+    if name == "teacher":
+      self._teacher = params
+    return True
 
   def run(self) -> dict:
     """Runs config.stages in order; returns a summary of what was done and where."""
@@ -195,25 +278,18 @@ def data_dir_of(data_config) -> str:
 def load_train_set(data_config):
   """The training split in memory; with data.unconditional, every label is 0 of 1 class."""
   from hierdistill import data as data_lib  # pylint: disable=g-import-not-at-top
-  ds = data_lib.load_dataset(data_config.name, "train", data_dir=data_dir_of(data_config),
-                             seed=data_config.seed)
+  data_dir = data_dir_of(data_config)
+  try:
+    ds = data_lib.load_dataset(data_config.name, "train", data_dir=data_dir,
+                               seed=data_config.seed)
+  except (FileNotFoundError, PermissionError) as e:  # not built, not readable, not writable
+    reason = e.strerror or str(e).split(";")[0]
+    raise ConfigError(f"config.data.name={data_config.name!r} cannot be loaded from "
+                      f"config.data.data_dir={data_dir!r}: {reason}; point --config.data.data_dir "
+                      "to where it is, or to a writable directory.") from None
   if data_config.unconditional:
     ds = data_lib.ArrayDataset(ds.name, ds.x, np.zeros_like(ds.y), 1, ds.shape)
   return ds
-
-
-def _check_data_matches_model(dataset, config) -> None:
-  if dataset.num_classes != config.model.num_classes:
-    raise ValueError(
-        f"config.model.num_classes={config.model.num_classes} but the data set "
-        f"{config.data.name!r} has {dataset.num_classes} classes; set "
-        f"--config.model.num_classes={dataset.num_classes}.")
-
-
-def _write_config(config, workdir: str) -> None:
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
 
 
 def _make_writer(workdir: str):

@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from hierdistill.config_checks import ConfigError
+
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 
@@ -30,14 +32,15 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = Non
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
   if data == -1 and fsdp == -1:
-    raise ValueError("config.mesh: at most one of data and fsdp may be -1; set the other.")
+    raise ConfigError("config.mesh: at most one of data and fsdp may be -1; set the other.")
+  asked = (data, fsdp)
   if data == -1:
     data = n // fsdp if fsdp > 0 and n % fsdp == 0 else 0
   if fsdp == -1:
     fsdp = n // data if data > 0 and n % data == 0 else 0
   if data * fsdp != n:
-    raise ValueError(f"config.mesh: data={data} x fsdp={fsdp} does not match the {n} devices "
-                     f"here; make their product {n} (or set one of them to -1).")
+    raise ConfigError(f"config.mesh: data={asked[0]} x fsdp={asked[1]} does not match the {n} "
+                      f"devices here; make their product {n} (or set one of them to -1).")
   return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(AxisType.Auto,) * 2,
                        devices=devices)
 
@@ -54,14 +57,17 @@ def _path_str(path) -> str:
   return "/".join(parts)
 
 
+path_str = _path_str  # public: error messages name parameters the way the rules match them
+
+
 def _leaf_spec(path: str, shape: Sequence[int], rules, fsdp_size: int) -> P:
   for pattern, action in rules:
     if re.fullmatch(pattern, path) or re.search(pattern, path):
       if action == "replicate" or fsdp_size == 1:
         return P()
       if action != "fsdp":
-        raise ValueError(f"config.sharding_rules: unknown action {action!r} for {pattern!r}; "
-                         "use 'fsdp' or 'replicate'.")
+        raise ConfigError(f"config.sharding_rules: unknown action {action!r} for {pattern!r}; "
+                          "use 'fsdp' or 'replicate'.")
       # Largest axis that the fsdp size divides; small leaves (biases, norms) stay replicated
       # since sharding them saves nothing and costs a gather.
       candidates = [(d, i) for i, d in enumerate(shape) if d % fsdp_size == 0 and d >= fsdp_size]
@@ -97,8 +103,8 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def check_batch_size(batch_size: int, mesh: Mesh, key: str) -> None:
   n = mesh.devices.size
   if batch_size % n:
-    raise ValueError(f"{key}={batch_size} is not divisible by the {n} devices of the mesh; "
-                     f"use a multiple of {n}.")
+    raise ConfigError(f"{key}={batch_size} is not divisible by the {n} devices of the mesh; "
+                      f"use a multiple of {n}.")
 
 
 def put_batch(local_batch, mesh: Mesh):
@@ -106,6 +112,19 @@ def put_batch(local_batch, mesh: Mesh):
   sharding = batch_sharding(mesh)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def per_device_bytes(abstract, shardings) -> int:
+  """Bytes one device holds of a pytree laid out by `shardings` (the largest shard counts).
+
+  What the partition rules buy, computed from shapes alone: the figure to set beside a
+  compiler's memory analysis.
+  """
+  def one(leaf, sharding) -> int:
+    shape = sharding.shard_shape(tuple(leaf.shape))
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+
+  return sum(jax.tree.leaves(jax.tree.map(one, abstract, shardings)))
 
 
 def with_shardings(abstract, shardings):
@@ -128,3 +147,19 @@ def maybe_initialize_distributed() -> None:
     except RuntimeError as e:  # already initialised by the caller
       if "already" not in str(e):
         raise
+
+
+def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int, *,
+                           cpu_collectives: str | None = "gloo") -> None:
+  """jax.distributed.initialize with explicit coordinates: several processes on one machine
+  (tests, laptops) or a cluster that sets no environment jax recognises.
+
+  The CPU backend has no cross-process collectives unless one is named before it starts:
+  'gloo' (TCP, built into jaxlib) or 'mpi'; None leaves the jax default. Call before any other
+  jax call that touches devices. Each process then sees every device of the run in
+  jax.devices() and its own in jax.local_devices().
+  """
+  if cpu_collectives:
+    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)

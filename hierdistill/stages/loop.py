@@ -30,7 +30,8 @@ class Preempted(Exception):
 
 
 class NonFiniteError(RuntimeError):
-  """Raised when too many consecutive steps had a non-finite loss or gradient."""
+  """Raised when config.max_consecutive_nonfinite steps in a row had a non-finite loss or
+  gradient (each was skipped: params and optimiser state unchanged)."""
 
 
 class _StopFlag:
@@ -50,6 +51,8 @@ class _StopFlag:
 
   def _handle(self, signum, frame):
     del frame
+    if self.signal is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint of this step
     self.signal = signum
 
   def __exit__(self, *exc):
@@ -79,10 +82,41 @@ def _console_line(stage: str, step: int, total: int, metrics: dict, steps_per_s:
                       "fake_flow_matching_mse", "meanflow_mse", "flow_matching_mse",
                       "awd_effective_tokens") if k in metrics]
   shown = " ".join(f"{k} {metrics[k]:.4g}" for k in keys)
+  if metrics.get("skipped_total"):
+    shown += f" skipped {int(metrics['skipped_total'])} (non-finite)"
   eta = (total - step) / steps_per_s if steps_per_s > 0 else float("nan")
   rate = f"{steps_per_s:.1f} steps/s" if math.isfinite(steps_per_s) else "compiling"
   return (f"[{stage}] step {step}/{total} | {shown} | {rate} | "
           f"ETA {format_duration(eta) if math.isfinite(eta) else '?'}")
+
+
+def _count_skips(train_step):
+  """train_step with exact skip counters carried beside the state, on the device.
+
+  health: skipped (all steps), streak (consecutive skipped steps up to now), longest (the
+  longest streak). Counting on the device keeps the loop free of a host sync per step; the
+  loop reads the counters when it logs or saves. A step counts as skipped when its generator
+  update or any of its critic updates was skipped.
+  """
+
+  def step(carry, frozen, batch):
+    state, health = carry
+    state, metrics = train_step(state, frozen, batch)
+    bad = jnp.asarray(metrics.get("skipped", 0)) > 0
+    if "critic_skipped" in metrics:
+      bad = bad | (jnp.asarray(metrics["critic_skipped"]) > 0)
+    bad = bad.astype(jnp.int32)
+    streak = (health["streak"] + 1) * bad
+    health = {"skipped": health["skipped"] + bad, "streak": streak,
+              "longest": jnp.maximum(health["longest"], streak)}
+    return (state, health), metrics
+
+  return step
+
+
+def _new_health(meta: Optional[dict] = None) -> dict:
+  saved = (meta or {}).get("health", {})
+  return {k: np.int32(saved.get(k, 0)) for k in ("skipped", "streak", "longest")}
 
 
 def run_stage(stage, *, config, workdir: str, mesh, pipeline, frozen: dict,
@@ -121,9 +155,11 @@ def run_stage(stage, *, config, workdir: str, mesh, pipeline, frozen: dict,
     restored = ckpts.restore_latest(shard_lib.with_shardings(abstract_state, shardings))
   if restored is not None:
     state, meta, start_step = restored
+    health = _new_health(meta)
     logging.info("%s: resumed from step %d", stage.name, start_step)
     print(f"[{stage.name}] resumed from its checkpoint at step {start_step}", flush=True)
   else:
+    health = _new_health()
     handoff = init_inputs(abstract=False)
     abstract_state = jax.eval_shape(init_fn, rng, handoff)
     shardings = shard_lib.state_shardings(abstract_state, mesh, config.sharding_rules)
@@ -132,24 +168,40 @@ def run_stage(stage, *, config, workdir: str, mesh, pipeline, frozen: dict,
   del handoff
 
   frozen_shardings = jax.tree.map(lambda a: a.sharding, frozen)
+  health_shardings = jax.tree.map(lambda _: shard_lib.replicated(mesh), health)
   step_fn = jax.jit(
-      stage.train_step,
-      in_shardings=(shardings, frozen_shardings, shard_lib.batch_sharding(mesh)),
-      out_shardings=(shardings, shard_lib.replicated(mesh)),
+      _count_skips(stage.train_step),
+      in_shardings=((shardings, health_shardings), frozen_shardings,
+                    shard_lib.batch_sharding(mesh)),
+      out_shardings=((shardings, health_shardings), shard_lib.replicated(mesh)),
       donate_argnums=(0,))
+  health = jax.device_put(health, health_shardings)
 
   total = int(cfg.num_steps)
   log_every = int(cfg.log_every)
   ckpt_every = int(cfg.checkpoint_every)
   max_bad = int(config.get("max_consecutive_nonfinite", 20))
-  consecutive_bad = 0
-  skipped_total = 0
   scalars = {}
   t_last, s_last = time.time(), start_step
   meta = {"stage": stage.name, "config": config.to_json_best_effort()}
 
+  def check_health(step) -> dict:
+    """The skip counters as ints; NonFiniteError once a streak reached max_bad."""
+    h = {k: int(v) for k, v in jax.device_get(health).items()}
+    if h["longest"] >= max_bad:
+      kept = ckpts.steps()
+      ckpts.close()
+      raise NonFiniteError(
+          f"{stage.name}: {h['longest']} steps in a row had a non-finite loss or gradient "
+          f"(config.max_consecutive_nonfinite={max_bad}; seen at step {step}, "
+          f"{h['skipped']} skipped in all); the checkpoints in {ckpts.directory} are kept "
+          f"(newest: step {kept[-1] if kept else 'none'}). Lower the learning rate or "
+          "grad_clip, or check the data, then rerun to resume.")
+    return h
+
   def save(step, final=False):
-    ckpts.save(step, state, dict(meta, step=step, data_step=step),
+    h = check_health(step)  # a run that went bad stops before it saves
+    ckpts.save(step, state, dict(meta, step=step, data_step=step, health=h),
                export=state.ema_params if final else None)
 
   with _StopFlag() as stop:
@@ -158,7 +210,8 @@ def run_stage(stage, *, config, workdir: str, mesh, pipeline, frozen: dict,
       local = pipeline.batch(step)
       if rows > 1:  # (B * rows, ...) -> (B, rows, ...): each row is one minibatch of the step
         local = jax.tree.map(lambda a: a.reshape((a.shape[0] // rows, rows) + a.shape[1:]), local)
-      state, metrics = step_fn(state, frozen, shard_lib.put_batch(local, mesh))
+      (state, health), metrics = step_fn((state, health), frozen,
+                                         shard_lib.put_batch(local, mesh))
       step += 1
       if step == start_step + 1:  # the first step compiles: keep it out of steps/s and ETA
         jax.block_until_ready(metrics)
@@ -166,11 +219,10 @@ def run_stage(stage, *, config, workdir: str, mesh, pipeline, frozen: dict,
 
       if step % log_every == 0 or step == total:
         metrics = jax.device_get(metrics)
-        skipped = int(metrics.get("skipped", 0))
-        skipped_total += skipped
-        consecutive_bad = consecutive_bad + 1 if skipped else 0
         scalars = {k: float(np.mean(v)) for k, v in metrics.items()}
-        scalars["skipped_total"] = skipped_total
+        h = check_health(step)
+        scalars["skipped_total"] = h["skipped"]
+        scalars["skipped_streak"] = h["streak"]
         now = time.time()
         rate = (step - s_last) / (now - t_last) if step > s_last else float("nan")
         t_last, s_last = now, step
@@ -178,12 +230,6 @@ def run_stage(stage, *, config, workdir: str, mesh, pipeline, frozen: dict,
         writer.write_scalars(step, {f"{stage.name}/{k}": v for k, v in scalars.items()})
         if jax.process_index() == 0:
           print(_console_line(stage.name, step, total, scalars, rate), flush=True)
-        if consecutive_bad >= max_bad:
-          ckpts.close()
-          raise NonFiniteError(
-              f"{stage.name}: {consecutive_bad} logged steps in a row had a non-finite loss or "
-              f"gradient (last at step {step}); checkpoints up to the last good one are kept. "
-              "Lower the learning rate or raise grad_clip, then rerun to resume.")
 
       if step == total:
         save(step, final=True)
@@ -193,8 +239,10 @@ def run_stage(stage, *, config, workdir: str, mesh, pipeline, frozen: dict,
         if step % ckpt_every:
           save(step)
         ckpts.close()
-        raise Preempted(f"{stage.name}: stopped by signal {stop.signal} at step {step}; state "
-                        f"saved under {ckpts.directory}. Rerun the same command to resume.")
+        raise Preempted(
+            f"{stage.name}: stopped by {signal.Signals(stop.signal).name} after step {step}; "
+            f"its checkpoint is saved under {ckpts.directory}. Rerun the same command to "
+            "resume from there.")
 
   ckpts.close()
   wall = time.time() - start_time
