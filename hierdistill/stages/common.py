@@ -60,6 +60,22 @@ def guarded_update(optimizer: optax.GradientTransformation, params, opt_state, g
   return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state)
 
 
+def apply_gradients(optimizer: optax.GradientTransformation, state, loss: Array, grads,
+                    metrics: dict, ema_decay: float):
+  """The end of every train step: guarded update of state.params, EMA, step + 1, metrics.
+
+  Returns (state, metrics) with metrics extended by loss, grad_norm and skipped (1 if the
+  update was skipped for a non-finite loss or gradient).
+  """
+  finite = is_finite(loss, grads)
+  params, opt_state = guarded_update(optimizer, state.params, state.opt_state, grads, finite)
+  ema = ema_update(state.ema_params, params, ema_decay)
+  metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                 skipped=1 - finite.astype(jnp.int32))
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                       ema_params=ema), metrics
+
+
 def is_finite(loss: Array, grads) -> Array:
   """True when the loss and the global gradient norm are finite."""
   return jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))

@@ -183,16 +183,10 @@ class DistributionStage:
     (loss, metrics), grads = jax.value_and_grad(self.generator_loss, has_aux=True)(
         state.params, (fake_params, disc_params), teacher_params,
         x[:, self.k], y[:, self.k], k_gen)
-    finite = common.is_finite(loss, grads)
-    params, opt_state = common.guarded_update(self.optimizer, state.params, state.opt_state,
-                                              grads, finite)
-    ema = common.ema_update(state.ema_params, params, self.cfg.ema_decay)
-    metrics = dict(metrics, **critic_metrics, loss=loss, grad_norm=optax.global_norm(grads),
-                   skipped=1 - finite.astype(jnp.int32))
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              ema_params=ema, fake_params=fake_params, fake_opt_state=fake_opt,
-                              disc_params=disc_params, disc_opt_state=disc_opt)
-    return new_state, metrics
+    state = state.replace(fake_params=fake_params, fake_opt_state=fake_opt,
+                          disc_params=disc_params, disc_opt_state=disc_opt)
+    return common.apply_gradients(self.optimizer, state, loss, grads,
+                                  dict(metrics, **critic_metrics), self.cfg.ema_decay)
 
   def sample(self, params, noise, y, *, num_steps=1):
     return self.trajectory.sample(params, noise, y, num_steps=num_steps)

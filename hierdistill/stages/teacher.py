@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from hierdistill import losses, paths, sampling
 from hierdistill.stages import common
@@ -50,14 +49,8 @@ class TeacherStage:
       return loss, metrics
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    finite = common.is_finite(loss, grads)
-    params, opt_state = common.guarded_update(self.optimizer, state.params, state.opt_state,
-                                              grads, finite)
-    ema = common.ema_update(state.ema_params, params, self.cfg.ema_decay)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
-                   skipped=1 - finite.astype(jnp.int32))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                         ema_params=ema), metrics
+    return common.apply_gradients(self.optimizer, state, loss, grads, metrics,
+                                  self.cfg.ema_decay)
 
   def sample(self, params, noise, y, *, num_steps=None):
     """Teacher samples with its configured ODE solver, step count and guidance."""

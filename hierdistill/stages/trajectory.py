@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from hierdistill import losses, paths, sampling
 from hierdistill.models import init_student_from_teacher
@@ -73,14 +72,8 @@ class TrajectoryStage:
     key = common.step_key(state.rng, state.step)
     (loss, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(
         state.params, frozen["teacher"], batch["x"], batch["y"], key)
-    finite = common.is_finite(loss, grads)
-    params, opt_state = common.guarded_update(self.optimizer, state.params, state.opt_state,
-                                              grads, finite)
-    ema = common.ema_update(state.ema_params, params, self.cfg.ema_decay)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
-                   skipped=1 - finite.astype(jnp.int32))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                         ema_params=ema), metrics
+    return common.apply_gradients(self.optimizer, state, loss, grads, metrics,
+                                  self.cfg.ema_decay)
 
   def sample(self, params, noise, y, *, num_steps=1):
     """One-step (or k-step) samples of the flow map: x = e - u(e, 0, 1 | y)."""
