@@ -28,7 +28,12 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8"],
-        # PyTorch only to import published checkpoints and to test importers against references.
-        "torch": ["torch>=2.1", "safetensors>=0.4"],
+        # The reference implementations the importers are tested against (tests marked
+        # `torch`). Importing the published files needs none of it: .pt files are read by a
+        # restricted unpickler, .safetensors by safetensors' numpy API. The torch range stops
+        # below 2.14 so that, with a CPU build of 2.13 installed first, pip adds nothing big.
+        # pytorch-fid, the FID Inception reference, is installed with --no-deps (its torchvision
+        # requirement would pull another torch): pip install --no-deps pytorch-fid==0.3.0
+        "torch": ["torch>=2.1,<2.14", "safetensors>=0.4", "diffusers>=0.27"],
     },
 )

@@ -21,7 +21,9 @@ import numpy as np
 from hierdistill.data import toy2d
 from hierdistill.data.pipeline import InMemoryPipeline
 
-DATASETS = ("digits8x8",) + toy2d.NAMES
+# imagenet256_latents is read from its shards (data/imagenet_latents.py), never into memory.
+IMAGENET_LATENTS = "imagenet256_latents"
+DATASETS = ("digits8x8",) + toy2d.NAMES + (IMAGENET_LATENTS,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,9 @@ def load_dataset(name: str, split: str = "train", data_dir: str | None = None,
       raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     x, y = toy2d.load_toy2d(name, seed=seed if split == "train" else seed + 1)
     return ArrayDataset(name, x, y, toy2d.num_classes(name), (2,))
+  if name == IMAGENET_LATENTS:
+    raise ValueError(f"{name} is not loaded into memory: open it with "
+                     "data.imagenet_latents.open_latents(config.data.latents_dir)")
   raise ValueError(f"unknown data set {name!r}; choose one of {DATASETS}")
 
 

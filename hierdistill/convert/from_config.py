@@ -1,0 +1,117 @@
+"""The published files an ImageNet run reads, found and loaded from its config.
+
+`check_files(config)` runs before anything compiles: the first missing file raises
+FileNotFoundError with one line naming the config key, the path it looked at, and where such a
+file is published. The loaders then import each file (convert/*.py) or, where the config allows
+it for tests (vae.random_init, eval.random_inception), make random weights.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Tuple
+
+from hierdistill.convert import dit as convert_dit
+from hierdistill.convert import inception as convert_inception
+from hierdistill.convert import vae as convert_vae
+
+REFERENCE_PUBLISHED = ("VIRTUAL_imagenet256_labeled.npz, linked from the evaluations README of "
+                       "openai/guided-diffusion (ADM's reference batches)")
+
+
+def required_files(config) -> List[Tuple[str, str, str]]:
+  """(config key, path, where published) of each file this config's stages will read."""
+  stages = tuple(config.stages)
+  out = []
+  needs_teacher = any(s in stages for s in ("trajectory", "distribution", "eval"))
+  kind = config.teacher.get("checkpoint_kind", "sit")
+  if needs_teacher and "teacher" not in stages and "vae" in config:
+    # An ImageNet config without a teacher stage distils the published teacher.
+    out.append(("config.teacher.init_checkpoint", config.teacher.get("init_checkpoint", ""),
+                convert_dit.WHERE_PUBLISHED.get(kind, kind)))
+  # Every stage draws sample grids, decoded by the VAE; the evaluation decodes every sample.
+  if "vae" in config and not config.vae.random_init:
+    out.append(("config.vae.path", config.vae.path, convert_vae.WHERE_PUBLISHED))
+  if "eval" in stages and "inception_weights" in config.eval:
+    if not config.eval.random_inception:
+      out.append(("config.eval.inception_weights", config.eval.inception_weights,
+                  convert_inception.WHERE_PUBLISHED))
+    if not config.data.get("mock_num_examples", 0):
+      out.append(("config.eval.reference_batch", config.eval.reference_batch,
+                  REFERENCE_PUBLISHED))
+  return out
+
+
+def check_files(config) -> None:
+  """Raises ConfigError (one line: key, path, where published) for the first missing file."""
+  from hierdistill.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
+  for key, path, where in required_files(config):
+    if not path or not os.path.exists(path):
+      raise ConfigError(f"{key}={path!r}: no such file; expected {where}")
+
+
+def vae_fields(config) -> Dict[str, Any]:
+  return dict(block_out_channels=tuple(config.vae.sizes.block_out_channels),
+              layers_per_block=int(config.vae.sizes.layers_per_block),
+              norm_num_groups=int(config.vae.sizes.norm_num_groups),
+              scaling_factor=float(config.vae.scaling_factor))
+
+
+def load_vae(config, seed: int = 0):
+  """(AutoencoderKL, params): the published VAE, or random weights with vae.random_init."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from hierdistill.models.vae import AutoencoderKL  # pylint: disable=g-import-not-at-top
+  if config.vae.random_init:
+    model = AutoencoderKL(**vae_fields(config))
+    return model, random_vae_params(model, seed)
+  model, params = convert_vae.load_vae(config.vae.path, config_key="config.vae.path")
+  if abs(model.scaling_factor - float(config.vae.scaling_factor)) > 1e-7:
+    raise ValueError(f"config.vae.scaling_factor={config.vae.scaling_factor} but "
+                     f"{config.vae.path} says {model.scaling_factor}: the teacher was trained "
+                     "with one of them; set the key to the teacher's")
+  return model.clone(scaling_factor=float(config.vae.scaling_factor)), params
+
+
+def load_inception(config, seed: int = 0):
+  """(FIDInceptionV3, params): the published FID weights, or random ones with
+  eval.random_inception (then the numbers are not FID)."""
+  from hierdistill.evaluation import inception  # pylint: disable=g-import-not-at-top
+  if config.eval.random_inception:
+    model = inception.FIDInceptionV3(width=float(config.eval.inception_width))
+    return model, inception.random_params(model, seed)
+  if float(config.eval.inception_width) != 1.0:
+    raise ValueError(f"config.eval.inception_width={config.eval.inception_width}: the published "
+                     "weights need 1.0")
+  params = convert_inception.load_inception(config.eval.inception_weights,
+                                            config_key="config.eval.inception_weights")
+  return inception.FIDInceptionV3(), params
+
+
+def random_vae_params(model, seed: int = 0) -> Dict[str, Any]:
+  """Random VAE weights drawn in numpy (kernels N(0, 1 / fan_in), norms identity, biases 0):
+  tests and runlocal only. Not flax's init, whose truncated-normal initialisers take minutes to
+  compile on a CPU for a network of this many layers."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  size = 4 * model.downsampling_factor
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"]
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = path[-1].key
+    if name == "scale":
+      return np.ones(leaf.shape, np.float32)
+    if name == "bias":
+      return np.zeros(leaf.shape, np.float32)
+    fan_in = int(np.prod(leaf.shape[:-1]))
+    return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def load_teacher(config, model) -> Dict[str, Any]:
+  """The imported teacher's params (nested numpy dict) for `model` (the run's teacher DiT)."""
+  return convert_dit.load_dit_checkpoint(
+      config.teacher.init_checkpoint, model, kind=config.teacher.get("checkpoint_kind", "sit"),
+      config_key="config.teacher.init_checkpoint")
