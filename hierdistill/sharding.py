@@ -127,6 +127,40 @@ def per_device_bytes(abstract, shardings) -> int:
   return sum(jax.tree.leaves(jax.tree.map(one, abstract, shardings)))
 
 
+def constrain_batch(x, mesh: Mesh | None = None):
+  """x with its leading (batch) axis over ('data', 'fsdp') and its other axes whole.
+
+  Why: with parameters sharded over 'fsdp' and the batch over ('data', 'fsdp'), each matmul
+  x W meets the 'fsdp' axis on both operands, and XLA's sharding propagation may resolve it by
+  all-gathering the activations (the global batch on every device) instead of the weights; the
+  DiT's dots do exactly that (benchmarks/README.md). Pinning activations to the batch layout
+  makes the compiler gather weights: FSDP proper. mesh: default the mesh being traced under
+  (jax.sharding.use_mesh); with none, x is returned unchanged, so a model may call this
+  unconditionally.
+  """
+  if mesh is None:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+      return x
+  if x.ndim < 1 or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return x
+  if x.shape[0] % int(np.prod([mesh.shape[a] for a in BATCH_AXES])):
+    return x  # e.g. the batch of 1 that init traces with: nothing to split
+  spec = P(BATCH_AXES, *([None] * (x.ndim - 1)))
+  return jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, spec) if isinstance(mesh, Mesh) else spec)
+
+
+def batch_sharded_dot_general(mesh: Mesh | None = None):
+  """A dot_general whose output keeps the batch layout (see constrain_batch): pass it as a
+  Flax Dense's `dot_general` to keep that layer's activations batch-sharded under FSDP."""
+
+  def dot_general(lhs, rhs, *args, **kwargs):
+    return constrain_batch(jax.lax.dot_general(lhs, rhs, *args, **kwargs), mesh)
+
+  return dot_general
+
+
 def with_shardings(abstract, shardings):
   """ShapeDtypeStructs that carry shardings: the restore target orbax needs for a new mesh."""
   return jax.tree.map(

@@ -1,0 +1,212 @@
+"""Per-device memory of the stage-1 and stage-2 train steps under FSDP, before renting a pod.
+
+Each train step is compiled ahead of time for N devices from abstract shapes (jax.eval_shape):
+no parameter, optimiser state or batch is ever allocated, so SiT-XL/2 on 64 devices is planned
+on a laptop. The per-device figures are the compiler's own (memory_analysis of the compiled
+program), set beside what the partition rules should give (shapes / shardings).
+
+  python benchmarks/memory.py                        # SiT-XL/2, batch 256, N = 8 and 64 fake
+                                                     # CPU devices (the CPU compiler's figures)
+  python benchmarks/memory.py --target=tpu-v5e       # the TPU compiler, for a v5e-8 and a v5e-64
+                                                     # (needs libtpu: pip install 'jax[tpu]')
+  python benchmarks/memory.py --size=B/2 --devices=8 --stages=trajectory   # quicker
+
+The CPU target lays the devices out as --xla_force_host_platform_device_count fake CPU devices
+(set here, before jax starts). Its compiler plans buffers like any XLA backend, but it fuses
+less than the TPU or GPU ones and computes bfloat16 dots in float32, so its temporaries are
+an upper bound; the tpu-v5e target compiles with the real TPU compiler for a v5e topology
+(no TPU needed: libtpu compiles for a described topology).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+GiB = 2 ** 30
+# v5e slices by chip count: the topology names libtpu compiles for (one core per chip).
+V5E_TOPOLOGIES = {4: "v5e:2x2", 8: "v5e:2x4", 16: "v5e:4x4", 32: "v5e:4x8", 64: "v5e:8x8",
+                  128: "v5e:8x16", 256: "v5e:16x16"}
+V5E_HBM_GIB = 16
+
+
+def parse_args(argv=None):
+  here = os.path.dirname(os.path.abspath(__file__))
+  sys.path.insert(0, here)
+  sys.path.insert(0, os.path.dirname(here))
+  # step_cost imports jax: take only its flag helper's source of truth after the env is set.
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--target", default="cpu", choices=("cpu", "tpu-v5e"))
+  parser.add_argument("--devices", default="8,64", help="comma-separated device counts N")
+  parser.add_argument("--stages", default="trajectory,distribution",
+                      help="any of teacher (a plain flow-matching step), trajectory, distribution")
+  parser.add_argument("--batch", type=int, default=256, help="global batch (each minibatch)")
+  parser.add_argument("--mesh", default="fsdp", choices=("fsdp", "hybrid"),
+                      help="fsdp: (data, fsdp) = (1, N); hybrid: (N / 8, 8)")
+  parser.add_argument("--hbm_gib", type=float, default=V5E_HBM_GIB,
+                      help="per-device memory the plan must fit (v5e: 16 GiB)")
+  parser.add_argument("--depths", default="",
+                      help="comma-separated reduced depths to compile (e.g. 2,4): the full "
+                           "depth's temp is extrapolated from them, its weights from shapes")
+  parser.add_argument("--compile_level", type=int, default=-1,
+                      help="CPU target: xla_backend_optimization_level (0 compiles several times "
+                           "faster; buffer assignment is unchanged); -1 = XLA's default")
+  args, rest = parser.parse_known_args(argv)
+  args.device_counts = [int(n) for n in args.devices.split(",")]
+  return args, rest
+
+
+def main(argv=None):
+  args, rest = parse_args(argv)
+  if args.target == "cpu":
+    # The device count is read once, when the backend starts: before jax is imported.
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count="
+                               f"{max(args.device_counts)}")
+    os.environ["JAX_PLATFORMS"] = "cpu"
+  else:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host runs nothing; libtpu compiles
+
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import step_cost  # pylint: disable=g-import-not-at-top
+  from hierdistill import pipeline  # pylint: disable=g-import-not-at-top
+  from hierdistill import sharding  # pylint: disable=g-import-not-at-top
+
+  model_parser = argparse.ArgumentParser()
+  # The planning default: SiT-XL/2 on ImageNet-256 latents, bf16 compute, remat on.
+  step_cost.add_model_flags(model_parser, size="XL/2", depth=0, input_size=32, dtype="bfloat16",
+                            remat=True)
+  margs = model_parser.parse_args(rest)
+  jax.config.update("jax_threefry_partitionable", True)
+  depths = [int(d) for d in args.depths.split(",")] if args.depths else []
+  full = step_cost.build_config(margs, args.batch)
+  shape = (margs.input_size, margs.input_size, margs.channels)
+  n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(
+      pipeline.Networks(full).abstract_params(shape, student=True)))
+  print(f"DiT-{margs.size} depth {full.model.depth} ({n_params / 1e6:.0f}M params per "
+        f"network), input {shape}, global batch {args.batch}, compute {margs.dtype}, JVP "
+        f"{margs.jvp_dtype}, remat {margs.remat}, k = {margs.update_ratio}, target "
+        f"{args.target}, mesh {args.mesh}")
+  print("per-device GiB: weights = params + EMA (+ fake, disc) + frozen teacher; optim = "
+        "AdamW moments; both from shapes\nand shardings. args / temp / total from the "
+        "compiler: total = args + outputs - donated aliases + temp.")
+  if depths:
+    print(f"Compiled at depths {depths} only; the 'depth {full.model.depth}' rows take weights, "
+          "optim and args from shapes and\nextrapolate temp linearly in depth (remat keeps one "
+          "residual and one gradient set a block).")
+  header = (f"\n{'N':>4} {'stage':<13} {'depth':>5} {'mesh':>6} {'weights':>8} {'optim':>7} "
+            f"{'args':>7} {'temp':>7} {'total':>7}  fits {args.hbm_gib:g} GiB  compile")
+  print(header)
+  print("-" * len(header))
+
+  def layout(config, name, mesh):
+    """Abstract (state, frozen, batch) of a stage's step and their shardings."""
+    nets = pipeline.Networks(config)
+    stage = pipeline.build_stage(name, config, nets)
+    k = getattr(stage, "examples_per_row", 1)
+    teacher = nets.abstract_params(shape, student=False)
+    inputs = {"teacher": {}, "trajectory": {"teacher": teacher},
+              "distribution": {"generator": nets.abstract_params(shape, student=True),
+                               "teacher": teacher}}[name]
+    # Init shapes from abstract inputs: eval_shape allocates nothing, XL included.
+    state = jax.eval_shape(
+        lambda r, i: stage.init(r, jnp.zeros((1,) + shape), jnp.zeros((1,), jnp.int32),
+                                *([i] if name != "teacher" else [])),
+        jax.ShapeDtypeStruct((2,), jnp.uint32), inputs)
+    frozen = {"teacher": teacher} if name != "teacher" else {}
+    lead = (args.batch, k) if k > 1 else (args.batch,)
+    batch = {"x": jax.ShapeDtypeStruct(lead + shape, jnp.float32),
+             "y": jax.ShapeDtypeStruct(lead, jnp.int32)}
+    shardings = (sharding.state_shardings(state, mesh, config.sharding_rules),
+                 sharding.state_shardings(frozen, mesh, config.sharding_rules),
+                 jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch))
+    return stage, (state, frozen, batch), shardings
+
+  def from_shapes(abstract, shardings) -> dict:
+    (state, frozen, batch), (state_sh, frozen_sh, batch_sh) = abstract, shardings
+    weights = (sharding.per_device_bytes(_weights(state), _weights(state_sh))
+               + sharding.per_device_bytes(frozen, frozen_sh))
+    optim = sharding.per_device_bytes(_optim(state), _optim(state_sh))
+    args_bytes = (sharding.per_device_bytes(state, state_sh)
+                  + sharding.per_device_bytes(frozen, frozen_sh)
+                  + sharding.per_device_bytes(batch, batch_sh))
+    return {"weights": weights, "optim": optim, "args": args_bytes}
+
+  def compile_one(config, name, mesh) -> dict:
+    stage, abstract, shardings = layout(config, name, mesh)
+    options = ({"xla_backend_optimization_level": args.compile_level}
+               if args.target == "cpu" and args.compile_level >= 0 else None)
+    step = jax.jit(stage.train_step, in_shardings=shardings,
+                   out_shardings=(shardings[0], sharding.replicated(mesh)),
+                   donate_argnums=(0,), compiler_options=options)
+    t0 = time.time()
+    mem = step.lower(*abstract).compile().memory_analysis()
+    row = from_shapes(abstract, shardings)
+    row.update(args=mem.argument_size_in_bytes, temp=mem.temp_size_in_bytes,
+               total=(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                      - mem.alias_size_in_bytes + mem.temp_size_in_bytes),
+               seconds=time.time() - t0, depth=config.model.depth)
+    return row
+
+  def show(n, name, mesh_name, row, note=""):
+    fits = "yes" if row["total"] <= args.hbm_gib * GiB else "NO"
+    compile_s = f"{row['seconds']:5.0f} s" if "seconds" in row else note
+    line = (f"{n:>4} {name:<13} {row['depth']:>5} {mesh_name:>6} {row['weights'] / GiB:8.2f} "
+            f"{row['optim'] / GiB:7.2f} {row['args'] / GiB:7.2f} {row['temp'] / GiB:7.2f} "
+            f"{row['total'] / GiB:7.2f}  {fits:<12} {compile_s}")
+    rows.append(line)
+    print(line, flush=True)
+
+  rows = []
+  for n in args.device_counts:
+    devices = _devices(args.target, n, jax)
+    data, fsdp = (1, n) if args.mesh == "fsdp" else (max(n // 8, 1), min(n, 8))
+    mesh = sharding.make_mesh(data, fsdp, devices=devices)
+    sharding.check_batch_size(args.batch, mesh, "--batch")
+    for name in args.stages.split(","):
+      if not depths:
+        show(n, name, f"{data}x{fsdp}", compile_one(full, name, mesh))
+        continue
+      measured = []
+      for d in depths:
+        margs.depth = d
+        measured.append(compile_one(step_cost.build_config(margs, args.batch), name, mesh))
+        show(n, name, f"{data}x{fsdp}", measured[-1])
+      (d0, t0), (d1, t1) = [(m["depth"], m["temp"]) for m in (measured[0], measured[-1])]
+      slope = (t1 - t0) / (d1 - d0)
+      _, abstract, shardings = layout(full, name, mesh)
+      row = from_shapes(abstract, shardings)
+      row.update(depth=full.model.depth, temp=t1 + slope * (full.model.depth - d1))
+      row["total"] = row["args"] + row["temp"]
+      show(n, name, f"{data}x{fsdp}", row, note="extrapolated")
+  return rows
+
+
+def _weights(state):
+  """The parameter-like fields of a train state (every network's weights and EMA)."""
+  return {k: v for k, v in vars(state).items() if k.endswith("params")}
+
+
+def _optim(state):
+  return {k: v for k, v in vars(state).items() if k.endswith("opt_state")}
+
+
+def _devices(target: str, n: int, jax):
+  if target == "cpu":
+    return jax.devices()[:n]
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  if n not in V5E_TOPOLOGIES:
+    raise ValueError(f"--devices: no v5e slice of {n} chips; choose from "
+                     f"{sorted(V5E_TOPOLOGIES)}.")
+  # A v5e host holds a 2x2 block of chips; libtpu needs the host bounds to lay the slice out.
+  topology = topologies.get_topology_desc(
+      platform="tpu", topology_name=V5E_TOPOLOGIES[n], chip_config_name="default",
+      chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=(False, False, False))
+  return topology.devices
+
+
+if __name__ == "__main__":
+  main()
