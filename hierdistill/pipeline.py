@@ -266,6 +266,10 @@ class Chain:
 
 def run(config, workdir: str, **kwargs) -> dict:
   """Runs config.stages in order under `workdir` (see Chain)."""
+  if config.data.name == "imagenet256_latents":
+    # ImageNet latents stream from shards and are scored with Inception: its Chain subclass.
+    from hierdistill import imagenet_chain  # pylint: disable=g-import-not-at-top
+    return imagenet_chain.run(config, workdir, **kwargs)
   return Chain(config, workdir, **kwargs).run()
 
 
