@@ -16,7 +16,8 @@ def get_config(arg=None):
   c.data.update(name=modes, unconditional=True)
   c.model = ml_collections.ConfigDict(dict(
       name="mlp", width=256, depth=4, num_classes=1, class_dropout_prob=0.0,
-      feature_layers=(1, 3), dtype="float32", param_dtype="float32"))
+      feature_layers=(1, 3), dtype="float32", param_dtype="float32",
+      time_scale=1.0, interval_scale=1.0))  # t in [0, 1]: see experiments/common.py
   c.teacher.update(num_steps=3000, batch_size=256, log_every=500, checkpoint_every=1000)
   c.trajectory.update(num_steps=1500, batch_size=256, log_every=250, checkpoint_every=500,
                       cfg_scale=1.0)  # one class: nothing to guide
