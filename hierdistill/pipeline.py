@@ -5,6 +5,9 @@ Handoffs (checkpoint.py holds the resume order): stage 1 starts from the teacher
 stage 2's generator from stage 1's final EMA params (or, for the DMD-only ablation, from the
 teacher directly), its fake network from the teacher, its discriminator fresh. The teacher is read,
 never re-saved.
+
+Chain runs every experiment; what differs between data sources is in four hooks (see Chain),
+which imagenet_chain.ImageNetChain overrides for ImageNet latents. run() picks the class.
 """
 from __future__ import annotations
 
@@ -30,6 +33,14 @@ from hierdistill.stages.teacher import TeacherStage
 from hierdistill.stages.trajectory import TrajectoryStage
 
 GRID_SALT = 0x9E1D  # the grid's noise and labels are the same in every stage and every run
+# config.teacher.init_checkpoint with one of these endings is a published PyTorch file, imported
+# by convert/ (SiT/DiT); anything else is a directory of exported params.
+PUBLISHED_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def is_published_checkpoint(path) -> bool:
+  """Whether `path` is a published PyTorch file rather than a directory of exported params."""
+  return bool(path) and str(path).endswith(PUBLISHED_SUFFIXES)
 
 
 class Networks:
@@ -85,6 +96,16 @@ class Chain:
 
   Everything a user can get wrong (config, devices, data, workdir, input checkpoints) is checked
   here, before anything compiles or is written, and raises ConfigError.
+
+  Hooks, for a data source that needs its own (imagenet_chain.ImageNetChain overrides each);
+  run_stage and run call them and are written once, here:
+    open_dataset()                          the training set, opened in __init__
+    make_pipeline(global_batch_size, seed)  a stage's training input, batches by step
+    save_grid(samples, path)                a PNG of samples (every stage's grid, eval's rows)
+    run_eval()                              the 'eval' stage
+  The teacher comes from this run's teacher stage, or from config.teacher.init_checkpoint: a
+  directory of exported params, or a published SiT/DiT file (PUBLISHED_SUFFIXES) imported by
+  convert/ on first use (teacher_params, load_export).
   """
 
   def __init__(self, config, workdir: str, *, devices=None, writer=None, overwrite=False):
@@ -93,7 +114,7 @@ class Chain:
     self.workdir = workdir
     self.mesh = shard_lib.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
     config_checks.check_batch_sizes(config, self.mesh.devices.size, jax.process_count())
-    self.dataset = load_train_set(config.data)
+    self.dataset = self.open_dataset()
     config_checks.check_data_matches_model(self.dataset, config)
     self.nets = Networks(config)
     workdir_lib.check_writable(workdir)
@@ -107,6 +128,40 @@ class Chain:
     self.writer = writer or _make_writer(workdir)
     self._teacher = None
 
+  # -- hooks -----------------------------------------------------------------------------------
+
+  def open_dataset(self):
+    """The training set (config.data), read or opened once, before anything compiles.
+
+    What is returned becomes self.dataset: it needs `name`, `num_classes` and `shape` (one
+    example's), checked against config.model, plus whatever make_pipeline and save_grid read.
+    Raises ConfigError when the data cannot be found. Default: the set in memory (`x`, `y`).
+    """
+    return load_train_set(self.config.data)
+
+  def make_pipeline(self, global_batch_size: int, seed: int):
+    """This process's training input of one stage: batch(step), iterate(start_step) and an
+    `images` array whose shape[1:] is one example's (stages/loop.py). Its order depends only
+    on (seed, step), so a resumed stage reads what an uninterrupted one would have."""
+    from hierdistill import data as data_lib  # pylint: disable=g-import-not-at-top
+    return data_lib.InMemoryPipeline(
+        self.dataset.x, self.dataset.y, global_batch_size=global_batch_size, seed=seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+  def save_grid(self, samples, path: str) -> None:
+    """Images as a PNG grid; 2-D points as a scatter plot over the real data."""
+    from hierdistill.evaluation import grids  # pylint: disable=g-import-not-at-top
+    if len(self.dataset.shape) == 1:
+      grids.scatter_png([self.dataset.x, samples], ["grey", "red"], path)
+    else:
+      grids.save_image_grid(samples, path)
+
+  def run_eval(self) -> dict:
+    """The 'eval' stage: stages/evaluate.py's rows, scored by its Evaluator (FD-digits,
+    FD-points, ...). Returns what goes under 'eval' in the summary (metrics_path included)."""
+    from hierdistill.stages import evaluate  # pylint: disable=g-import-not-at-top
+    return evaluate.run_eval(self)
+
   def _check_inputs(self, ignore_workdir: bool) -> None:
     """Each stage to run finds its inputs, and they fit the model (read from metadata only).
 
@@ -119,7 +174,14 @@ class Chain:
     teacher_fix = ("set config.model to the teacher's architecture, or point "
                    "--config.teacher.init_checkpoint to a teacher of this model.")
     init_checkpoint = config.teacher.get("init_checkpoint")
-    if init_checkpoint:
+    if is_published_checkpoint(init_checkpoint):
+      # Its keys and shapes are checked when it is imported (convert/dit.py), on first use of
+      # teacher_params: before any train step compiles.
+      if not os.path.isfile(init_checkpoint):
+        raise ConfigError(f"config.teacher.init_checkpoint={init_checkpoint!r}: no such file; "
+                          "point it to a published SiT/DiT checkpoint, or to a directory of "
+                          "exported params.")
+    elif init_checkpoint:
       ckpt_lib.check_params_fit(
           init_checkpoint, self.exported_shapes("teacher")[0],
           what=f"config.teacher.init_checkpoint={init_checkpoint}", fix=teacher_fix)
@@ -157,28 +219,36 @@ class Chain:
     abstract = self.nets.abstract_params(self.dataset.shape, student=stage != "teacher")
     return abstract, shard_lib.state_shardings(abstract, self.mesh, self.config.sharding_rules)
 
+  @property
+  def imports_published_teacher(self) -> bool:
+    return is_published_checkpoint(self.config.teacher.get("init_checkpoint"))
+
   def load_export(self, stage: str):
     """A finished stage's EMA params; the teacher's come from config.teacher.init_checkpoint
-    when that is set."""
+    when that is set (a published file is imported once, then kept: see teacher_params)."""
     init_checkpoint = self.config.teacher.get("init_checkpoint")
     if stage == "teacher" and init_checkpoint:
+      if self.imports_published_teacher:
+        return self.teacher_params
       return ckpt_lib.load_params(init_checkpoint, *self.exported_shapes("teacher"))
     return ckpt_lib.load_export(self.workdir, stage, *self.exported_shapes(stage))
 
   @property
   def teacher_params(self):
-    """The frozen teacher, loaded on first use."""
+    """The frozen teacher, loaded (or imported) on first use."""
     if self._teacher is None:
-      self._teacher = self.load_export("teacher")
+      self._teacher = (self._import_teacher() if self.imports_published_teacher
+                       else self.load_export("teacher"))
     return self._teacher
 
-  def save_grid(self, samples, path: str) -> None:
-    """Images as a PNG grid; 2-D points as a scatter plot over the real data."""
-    from hierdistill.evaluation import grids  # pylint: disable=g-import-not-at-top
-    if len(self.dataset.shape) == 1:
-      grids.scatter_png([self.dataset.x, samples], ["grey", "red"], path)
-    else:
-      grids.save_image_grid(samples, path)
+  def _import_teacher(self):
+    """config.teacher.init_checkpoint, a published SiT/DiT file, as the teacher's params in
+    the model's dtypes, placed with the current mesh's shardings."""
+    from hierdistill.convert import from_config  # pylint: disable=g-import-not-at-top
+    abstract, shardings = self.exported_shapes("teacher")
+    params = from_config.load_teacher(self.config, self.nets.teacher)
+    params = jax.tree.map(lambda a, s: np.asarray(a, s.dtype), params, abstract)
+    return jax.device_put(params, shardings)
 
   def handoff(self, name: str, abstract: bool = False) -> dict:
     """What stage `name` starts from when it has no checkpoint of its own (or only shapes).
@@ -210,17 +280,13 @@ class Chain:
 
   def run_stage(self, name: str) -> dict:
     """Trains one stage to its num_steps (resuming); a finished stage is skipped."""
-    from hierdistill import data as data_lib  # pylint: disable=g-import-not-at-top
     cfg = getattr(self.config, name)
     if ckpt_lib.is_finished(self.workdir, name, int(cfg.num_steps)) and self._export_ok(name):
       print(f"[{name}] finished earlier ({cfg.num_steps} steps): skipped", flush=True)
       return {"status": "finished earlier"}
     stage = build_stage(name, self.config, self.nets)
     rows = getattr(stage, "examples_per_row", 1)
-    data = data_lib.InMemoryPipeline(
-        self.dataset.x, self.dataset.y, global_batch_size=cfg.batch_size * rows,
-        seed=self.config.seed * 1000 + stage.stage_id,
-        process_index=jax.process_index(), process_count=jax.process_count())
+    data = self.make_pipeline(cfg.batch_size * rows, self.config.seed * 1000 + stage.stage_id)
     frozen = {} if name == "teacher" else {"teacher": self.teacher_params}
     result = loop.run_stage(
         stage, config=self.config, workdir=self.workdir, mesh=self.mesh, pipeline=data,
@@ -251,8 +317,7 @@ class Chain:
     summary: dict[str, Any] = {"workdir": os.path.abspath(self.workdir), "stages": {}}
     for name in self.config.stages:
       if name == "eval":
-        from hierdistill.stages import evaluate  # pylint: disable=g-import-not-at-top
-        summary["eval"] = evaluate.run_eval(self)
+        summary["eval"] = self.run_eval()
       else:
         summary["stages"][name] = self.run_stage(name)
     self.writer.flush()
@@ -264,13 +329,18 @@ class Chain:
     return summary
 
 
+def chain_class(config) -> type:
+  """Chain, or the subclass whose hooks config.data needs."""
+  if config.data.name == "imagenet256_latents":
+    # ImageNet latents stream from shards, are decoded by the VAE and scored with Inception.
+    from hierdistill import imagenet_chain  # pylint: disable=g-import-not-at-top
+    return imagenet_chain.ImageNetChain
+  return Chain
+
+
 def run(config, workdir: str, **kwargs) -> dict:
   """Runs config.stages in order under `workdir` (see Chain)."""
-  if config.data.name == "imagenet256_latents":
-    # ImageNet latents stream from shards and are scored with Inception: its Chain subclass.
-    from hierdistill import imagenet_chain  # pylint: disable=g-import-not-at-top
-    return imagenet_chain.run(config, workdir, **kwargs)
-  return Chain(config, workdir, **kwargs).run()
+  return chain_class(config)(config, workdir, **kwargs).run()
 
 
 def data_dir_of(data_config) -> str:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import digits
 from experiments import imagenet256
 from hierdistill.config_checks import ConfigError, validate_config
 from hierdistill.convert import dit as convert_dit
@@ -169,16 +170,37 @@ def test_scorer_reference_against_itself():
                                 [0, 0, 128, 255, 255])
 
 
+def test_pipeline_builds_the_imagenet_chain_which_overrides_only_hooks():
+  """pipeline.run picks ImageNetChain for ImageNet latents; it swaps the data source, grids and
+  eval through Chain's hooks and leaves run/run_stage (resume, skipping, summary) to Chain."""
+  from hierdistill import imagenet_chain
+  from hierdistill import pipeline
+  assert pipeline.chain_class(imagenet256.get_config("runlocal")) is imagenet_chain.ImageNetChain
+  assert pipeline.chain_class(digits.get_config("tiny")) is pipeline.Chain
+  hooks = {"open_dataset", "make_pipeline", "save_grid", "run_eval"}
+  overridden = {k for k, v in vars(imagenet_chain.ImageNetChain).items()
+                if callable(v) and hasattr(pipeline.Chain, k)}
+  assert overridden == hooks
+  assert pipeline.is_published_checkpoint("/m/SiT-XL-2-256x256.pt")
+  assert pipeline.is_published_checkpoint("/m/tiny.safetensors")
+  assert not pipeline.is_published_checkpoint("/run/teacher/checkpoints/4/export")
+  assert not pipeline.is_published_checkpoint("")
+
+
 @pytest.mark.slow
 def test_runlocal_runs_the_whole_chain(tmp_path):
-  from hierdistill import imagenet_chain
+  from hierdistill import pipeline
   c = imagenet256.get_config("runlocal")
-  summary = imagenet_chain.run(c, str(tmp_path / "run"))
+  summary = pipeline.run(c, str(tmp_path / "run"))
   rows = summary["eval"]["rows"]
   assert [r["model"] for r in rows] == ["teacher (4 steps)", "stage 1 (TD) (1 step)",
                                         "stage 2 (HD) (1 step)"]
   assert all(np.isfinite(r["FD-random-inception"]) for r in rows)
   assert os.path.isfile(tmp_path / "run" / "eval" / "samples_stage_2_HD_1_step.png")
+  # Rerun: every stage is skipped after its export restores, and the eval is not redone.
+  again = pipeline.run(c, str(tmp_path / "run"))
+  assert all(s["status"] == "finished earlier" for s in again["stages"].values())
+  assert again["eval"]["rows"] == rows
 
 
 @pytest.mark.slow
@@ -186,7 +208,7 @@ def test_chain_distils_an_imported_sit_file(tmp_path):
   """Stage 1 and eval from a published-layout SiT file (random weights, safetensors so that no
   torch is needed), as the real config runs from SiT-XL-2-256x256.pt."""
   safetensors_numpy = pytest.importorskip("safetensors.numpy")
-  from hierdistill import imagenet_chain
+  from hierdistill import pipeline
   c = imagenet256.get_config("runlocal")
   m = c.model
   layout = convert_dit.published_layout(
@@ -201,7 +223,7 @@ def test_chain_distils_an_imported_sit_file(tmp_path):
   safetensors_numpy.save_file(sd, path)
   c.stages = ("trajectory", "eval")
   c.teacher.init_checkpoint = path
-  summary = imagenet_chain.run(c, str(tmp_path / "run"))
+  summary = pipeline.run(c, str(tmp_path / "run"))
   assert [r["model"] for r in summary["eval"]["rows"]] == ["teacher (4 steps)",
                                                            "stage 1 (TD) (1 step)"]
   # The first stage-1 step starts from the teacher exactly: the loss is finite and non-trivial.

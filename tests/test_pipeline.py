@@ -200,3 +200,16 @@ def test_toy2d_chain_runs_with_mode_metrics(tmp_path):
   assert {"mode_coverage", "off_mode_fraction", "FD-points"} <= set(rows[0])
   for row in rows:
     assert 0 <= row["mode_coverage"] <= 1 and 0 <= row["off_mode_fraction"] <= 1
+
+
+def test_a_missing_published_teacher_file_is_named(tmp_path, data_dir):
+  """A teacher given as a published file (imported by convert/) is looked for before anything
+  compiles, for every experiment, not only ImageNet."""
+  from hierdistill.config_checks import ConfigError
+  config = tiny_config(data_dir)
+  config.stages = ("trajectory",)
+  config.teacher.init_checkpoint = str(tmp_path / "SiT-XL-2-256x256.pt")
+  with pytest.raises(ConfigError, match=r"^config\.teacher\.init_checkpoint='.*SiT-XL-2-256x256"
+                     r"\.pt': no such file; point it to a published SiT/DiT checkpoint"):
+    pipeline.Chain(config, str(tmp_path / "run"), devices=jax.devices()[:1],
+                   writer=RecordingWriter())
