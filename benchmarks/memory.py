@@ -14,8 +14,10 @@ program), set beside what the partition rules should give (shapes / shardings).
 The CPU target lays the devices out as --xla_force_host_platform_device_count fake CPU devices
 (set here, before jax starts). Its compiler plans buffers like any XLA backend, but it fuses
 less than the TPU or GPU ones and computes bfloat16 dots in float32, so its temporaries are
-an upper bound; the tpu-v5e target compiles with the real TPU compiler for a v5e topology
-(no TPU needed: libtpu compiles for a described topology).
+an upper bound. It is run with XLA:CPU's memory-minimising scheduler (--cpu_scheduler): its
+default one favours concurrency and issues every weight all-gather at the start of the step,
+which no memory-limited TPU or GPU schedule would. The tpu-v5e target compiles with the real
+TPU compiler for a v5e topology (no TPU needed: libtpu compiles for a described topology).
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ GiB = 2 ** 30
 V5E_TOPOLOGIES = {4: "v5e:2x2", 8: "v5e:2x4", 16: "v5e:4x4", 32: "v5e:4x8", 64: "v5e:8x8",
                   128: "v5e:8x16", 256: "v5e:16x16"}
 V5E_HBM_GIB = 16
+CPU_SCHEDULERS = {"memory": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
+                  "default": "CPU_SCHEDULER_TYPE_DEFAULT"}
 
 
 def parse_args(argv=None):
@@ -52,6 +56,14 @@ def parse_args(argv=None):
   parser.add_argument("--compile_level", type=int, default=-1,
                       help="CPU target: xla_backend_optimization_level (0 compiles several times "
                            "faster; buffer assignment is unchanged); -1 = XLA's default")
+  parser.add_argument("--cpu_scheduler", default="memory", choices=tuple(CPU_SCHEDULERS),
+                      help="CPU target: XLA:CPU's instruction scheduler. 'memory' (minimise live "
+                           "memory, as the TPU/GPU schedulers do under their memory limit) or "
+                           "'default' (XLA:CPU's own, which favours concurrency: it issues "
+                           "every weight all-gather at the start of the step)")
+  parser.add_argument("--dump_hlo", default="",
+                      help="a folder to write each compiled program's HLO text to (to see "
+                           "what is gathered: grep all-gather)")
   args, rest = parser.parse_known_args(argv)
   args.device_counts = [int(n) for n in args.devices.split(",")]
   return args, rest
@@ -137,13 +149,24 @@ def main(argv=None):
 
   def compile_one(config, name, mesh) -> dict:
     stage, abstract, shardings = layout(config, name, mesh)
-    options = ({"xla_backend_optimization_level": args.compile_level}
-               if args.target == "cpu" and args.compile_level >= 0 else None)
+    options = {}
+    if args.target == "cpu":
+      options["xla_cpu_scheduler_type"] = CPU_SCHEDULERS[args.cpu_scheduler]
+      if args.compile_level >= 0:
+        options["xla_backend_optimization_level"] = args.compile_level
     step = jax.jit(stage.train_step, in_shardings=shardings,
                    out_shardings=(shardings[0], sharding.replicated(mesh)),
-                   donate_argnums=(0,), compiler_options=options)
+                   donate_argnums=(0,), compiler_options=options or None)
     t0 = time.time()
-    mem = step.lower(*abstract).compile().memory_analysis()
+    # Traced under the mesh, as the training loop traces it: the models' batch pins
+    # (sharding.constrain_batch) see it and XLA gathers weights, not activations.
+    compiled = sharding.under_mesh(lambda: step.lower(*abstract).compile(), mesh)()
+    if args.dump_hlo:
+      path = os.path.join(args.dump_hlo, f"{name}_n{mesh.devices.size}_d{config.model.depth}.txt")
+      os.makedirs(args.dump_hlo, exist_ok=True)
+      with open(path, "w") as f:
+        f.write(compiled.as_text())
+    mem = compiled.memory_analysis()
     row = from_shapes(abstract, shardings)
     row.update(args=mem.argument_size_in_bytes, temp=mem.temp_size_in_bytes,
                total=(mem.argument_size_in_bytes + mem.output_size_in_bytes

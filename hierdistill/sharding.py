@@ -135,8 +135,8 @@ def constrain_batch(x, mesh: Mesh | None = None):
   all-gathering the activations (the global batch on every device) instead of the weights; the
   DiT's dots do exactly that (benchmarks/README.md). Pinning activations to the batch layout
   makes the compiler gather weights: FSDP proper. mesh: default the mesh being traced under
-  (jax.sharding.use_mesh); with none, x is returned unchanged, so a model may call this
-  unconditionally.
+  (jax.set_mesh, see `under_mesh`); with none, x is returned unchanged, so a model may call
+  this unconditionally.
   """
   if mesh is None:
     mesh = jax.sharding.get_abstract_mesh()
@@ -159,6 +159,21 @@ def batch_sharded_dot_general(mesh: Mesh | None = None):
     return constrain_batch(jax.lax.dot_general(lhs, rhs, *args, **kwargs), mesh)
 
   return dot_general
+
+
+def under_mesh(fn, mesh: Mesh):
+  """fn, each call of it run with `mesh` as jax's context mesh (jax.set_mesh).
+
+  A jitted function traces on its first call, so wrapping it makes the models' batch pins
+  (constrain_batch) see the mesh; without it they are no-ops and XLA may gather activations
+  under FSDP. Call it outside jit only (jax.set_mesh refuses to run under a trace).
+  """
+
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+
+  return call
 
 
 def with_shardings(abstract, shardings):

@@ -86,11 +86,12 @@ def stage_losses(num_steps: int = 3, mesh_shape=(4, 2), stages=STAGES) -> dict:
     shardings = sharding.state_shardings(jax.eval_shape(init_fn, rng, inputs), mesh,
                                          config.sharding_rules)
     state = jax.jit(init_fn, out_shardings=shardings)(rng, inputs)
-    step_fn = jax.jit(
+    # Traced under the mesh, as stages/loop.py does: the models' batch pins see it.
+    step_fn = sharding.under_mesh(jax.jit(
         stage.train_step,
         in_shardings=(shardings, jax.tree.map(lambda a: a.sharding, frozen),
                       sharding.batch_sharding(mesh)),
-        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,)), mesh)
     history = {}
     for step in range(num_steps):
       local = data.batch(step)

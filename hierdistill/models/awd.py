@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from hierdistill.models.embeddings import Dense
+
 Array = jax.Array
 Dtype = Any
 
@@ -42,7 +44,7 @@ class TokenProjection(nn.Module):
     # LayerNorm per layer: block outputs of different depths differ in scale by orders of
     # magnitude, and the sum over layers would otherwise be dominated by the deepest.
     h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype)(h)
-    return nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype)(h).astype(
+    return Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype)(h).astype(
         jnp.float32)
 
 
@@ -84,8 +86,8 @@ class TokenDiscriminatorHead(nn.Module):
 
     f = sum(TokenProjection(self.hidden, name=f"proj_{l}", **kw)(h)
             for l, h in enumerate(features))
-    s = nn.Dense(self.hidden, name="token_mlp_hidden", **kw)(f)
-    s = nn.Dense(1, name="token_mlp_logit", **kw)(nn.silu(s))
+    s = Dense(self.hidden, name="token_mlp_hidden", **kw)(f)
+    s = Dense(1, name="token_mlp_logit", **kw)(nn.silu(s))
     s = s[..., 0].astype(jnp.float32)
     self.sow("intermediates", "token_logits", s)
 
@@ -93,7 +95,7 @@ class TokenDiscriminatorHead(nn.Module):
       a = jnp.full((b, n), 1.0 / n, jnp.float32)
     else:
       q = self.param("query", nn.initializers.zeros, (self.hidden,), self.param_dtype)
-      k = nn.Dense(self.hidden, use_bias=False, name="key", **kw)(f).astype(jnp.float32)
+      k = Dense(self.hidden, use_bias=False, name="key", **kw)(f).astype(jnp.float32)
       score = jnp.einsum("bnh,h->bn", k, q.astype(jnp.float32)) / jnp.sqrt(float(self.hidden))
       a = jax.nn.softmax(score / self.tau, axis=-1)
     logit = jnp.sum(a * s, axis=-1)

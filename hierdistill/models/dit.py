@@ -31,8 +31,9 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from hierdistill.models.embeddings import (LabelEmbedder, TimestepEmbedder, accumulation_dtype,
-                                          interval_of, to_float)
+from hierdistill import sharding
+from hierdistill.models.embeddings import (Dense, LabelEmbedder, TimestepEmbedder,
+                                          accumulation_dtype, interval_of, to_float)
 
 Array = jax.Array
 Dtype = Any
@@ -55,7 +56,6 @@ _ZEROS = nn.initializers.zeros
 # is D, not D * p * p as Flax's conv-aware xavier would count it.
 _PATCH_INIT = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2),
                                                out_axis=-1)
-
 
 def dit_config(name: str) -> Dict[str, int]:
   """Sizes of a named model: 'S', 'B', 'L', 'XL', optionally '/p' and a 'DiT-'/'SiT-' prefix.
@@ -129,8 +129,8 @@ class Attention(nn.Module):
     """x: (B, N, D). Returns (B, N, D) in the compute dtype."""
     b, n, d = x.shape
     head_dim = d // self.num_heads
-    qkv = nn.Dense(3 * d, kernel_init=_XAVIER, bias_init=_ZEROS, dtype=self.dtype,
-                   param_dtype=self.param_dtype, name="qkv")(x)
+    qkv = Dense(3 * d, kernel_init=_XAVIER, bias_init=_ZEROS, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="qkv")(x)
     # (B, N, 3, H, hd): the order of torch's qkv.reshape(B, N, 3, H, hd), so imports map 1:1.
     qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -144,8 +144,8 @@ class Attention(nn.Module):
       impl = "xla" if self.implementation == "xla" else None
       out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
     out = out.reshape(b, n, d)
-    return nn.Dense(d, kernel_init=_XAVIER, bias_init=_ZEROS, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="proj")(out)
+    return Dense(d, kernel_init=_XAVIER, bias_init=_ZEROS, dtype=self.dtype,
+                  param_dtype=self.param_dtype, name="proj")(out)
 
 
 class FeedForward(nn.Module):
@@ -158,11 +158,11 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """x: (B, N, D). Returns (B, N, D) in the compute dtype."""
-    h = nn.Dense(int(self.hidden_size * self.mlp_ratio), kernel_init=_XAVIER, bias_init=_ZEROS,
-                 dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
+    h = Dense(int(self.hidden_size * self.mlp_ratio), kernel_init=_XAVIER, bias_init=_ZEROS,
+               dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
     h = nn.gelu(h, approximate=True)
-    return nn.Dense(self.hidden_size, kernel_init=_XAVIER, bias_init=_ZEROS, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="fc2")(h)
+    return Dense(self.hidden_size, kernel_init=_XAVIER, bias_init=_ZEROS, dtype=self.dtype,
+                  param_dtype=self.param_dtype, name="fc2")(h)
 
 
 class DiTBlock(nn.Module):
@@ -178,8 +178,8 @@ class DiTBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, c: Array) -> Array:
     """x: (B, N, D) residual stream (float32); c: (B, D) conditioning. Returns x's dtype."""
-    mod = nn.Dense(6 * self.hidden_size, kernel_init=_ZEROS, bias_init=_ZEROS, dtype=self.dtype,
-                   param_dtype=self.param_dtype, name="adaLN_modulation")(nn.silu(c))
+    mod = Dense(6 * self.hidden_size, kernel_init=_ZEROS, bias_init=_ZEROS, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="adaLN_modulation")(nn.silu(c))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(
         mod[:, None, :], 6, axis=-1)
     h = _modulate(_layer_norm(self.dtype)(x), shift_msa, scale_msa)
@@ -205,13 +205,13 @@ class FinalLayer(nn.Module):
   @nn.compact
   def __call__(self, x: Array, c: Array) -> Array:
     """x: (B, N, D), c: (B, D). Returns (B, N, p * p * C_out) in the compute dtype."""
-    mod = nn.Dense(2 * self.hidden_size, kernel_init=_ZEROS, bias_init=_ZEROS, dtype=self.dtype,
-                   param_dtype=self.param_dtype, name="adaLN_modulation")(nn.silu(c))
+    mod = Dense(2 * self.hidden_size, kernel_init=_ZEROS, bias_init=_ZEROS, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="adaLN_modulation")(nn.silu(c))
     shift, scale = jnp.split(mod[:, None, :], 2, axis=-1)
     x = _modulate(_layer_norm(self.dtype)(x), shift, scale)
-    return nn.Dense(self.patch_size ** 2 * self.out_channels, kernel_init=_ZEROS,
-                    bias_init=_ZEROS, dtype=self.dtype, param_dtype=self.param_dtype,
-                    name="linear")(x)
+    return Dense(self.patch_size ** 2 * self.out_channels, kernel_init=_ZEROS,
+                  bias_init=_ZEROS, dtype=self.dtype, param_dtype=self.param_dtype,
+                  name="linear")(x)
 
 
 class DiT(nn.Module):
@@ -318,7 +318,7 @@ class DiT(nn.Module):
       c = c + TimestepEmbedder(self.hidden_size, self.frequency_size, zero_init_output=True,
                                name="interval_embedder", **kw)(
                                    self.interval_scale * interval_of(r, t))
-    return c
+    return sharding.constrain_batch(c)
 
   @nn.compact
   def __call__(self, z: Array, r: Optional[Array], t: Array, y: Optional[Array], *,
@@ -342,7 +342,8 @@ class DiT(nn.Module):
     x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", kernel_init=_PATCH_INIT,
                 bias_init=_ZEROS, dtype=self.dtype, param_dtype=self.param_dtype,
                 name="x_embedder")(z)
-    x = x.reshape(z.shape[0], g * g, d).astype(acc)
+    # The patch conv is a dot over (p, p, C) with a sharded kernel, like the Dense layers.
+    x = sharding.constrain_batch(x.reshape(z.shape[0], g * g, d).astype(acc))
     x = x + jnp.asarray(sincos_pos_embed_2d(d, g), acc)[None]
 
     block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock

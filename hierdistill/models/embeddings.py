@@ -7,6 +7,7 @@ u(z, r, t | y) == v(z, t | y) at step 0 of stage 1 (METHOD.md).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional
 
@@ -14,8 +15,18 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from hierdistill import sharding
+
 Array = jax.Array
 Dtype = Any
+
+# The Dense layer of every network here (DiT, MLP, discriminator head, these embedders): its
+# output, and by the transpose rule that output's cotangent, is pinned to the batch layout when
+# traced under a mesh (jax.set_mesh; a plain nn.Dense otherwise). Under FSDP each x W meets the
+# 'fsdp' axis on both operands, and XLA's propagation otherwise resolves it by all-gathering the
+# global batch's activations instead of the weights (benchmarks/README.md, memory.py). Pinning
+# every dot, not only block boundaries, leaves none free to choose that layout.
+Dense = functools.partial(nn.Dense, dot_general=sharding.batch_sharded_dot_general())
 
 # DiT's initialisers, so that models trained here start where the published ones did.
 EMBEDDING_INIT = nn.initializers.normal(stddev=0.02)
@@ -70,12 +81,12 @@ class TimestepEmbedder(nn.Module):
     """s: (B,) embedding input (already scaled). Returns (B, hidden_size) in
     accumulation_dtype(dtype): float32 (float64 for a float64 model)."""
     h = timestep_embedding(s, self.frequency_size)
-    h = nn.Dense(self.hidden_size, kernel_init=EMBEDDING_INIT, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="mlp_0")(h)
+    h = Dense(self.hidden_size, kernel_init=EMBEDDING_INIT, dtype=self.dtype,
+              param_dtype=self.param_dtype, name="mlp_0")(h)
     h = nn.silu(h)
     out_init = nn.initializers.zeros if self.zero_init_output else EMBEDDING_INIT
-    h = nn.Dense(self.hidden_size, kernel_init=out_init, bias_init=nn.initializers.zeros,
-                 dtype=self.dtype, param_dtype=self.param_dtype, name="mlp_2")(h)
+    h = Dense(self.hidden_size, kernel_init=out_init, bias_init=nn.initializers.zeros,
+              dtype=self.dtype, param_dtype=self.param_dtype, name="mlp_2")(h)
     # float32 so that the sum of embeddings (and so the teacher == student identity) does not
     # depend on the compute dtype's rounding of each term.
     return h.astype(accumulation_dtype(self.dtype))

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from hierdistill.models.embeddings import (LabelEmbedder, TimestepEmbedder, accumulation_dtype,
-                                          interval_of, to_float)
+from hierdistill.models.embeddings import (Dense, LabelEmbedder, TimestepEmbedder,
+                                          accumulation_dtype, interval_of, to_float)
 
 Array = jax.Array
 Dtype = Any
@@ -33,9 +33,9 @@ class ResidualBlock(nn.Module):
   def __call__(self, h: Array, c: Array) -> Array:
     """h: (B, W) residual stream (float32), c: (B, W). Returns h's dtype."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    a = nn.Dense(self.width, name="dense_in", **kw)(nn.LayerNorm(dtype=self.dtype)(h))
-    a = a + nn.Dense(self.width, name="cond", **kw)(nn.silu(c))
-    a = nn.Dense(self.width, name="dense_out", **kw)(nn.silu(a))
+    a = Dense(self.width, name="dense_in", **kw)(nn.LayerNorm(dtype=self.dtype)(h))
+    a = a + Dense(self.width, name="cond", **kw)(nn.silu(c))
+    a = Dense(self.width, name="dense_out", **kw)(nn.silu(a))
     return h + a.astype(h.dtype)
 
 
@@ -99,14 +99,14 @@ class MLPFlow(nn.Module):
                                name="interval_embedder", **kw)(
                                    self.interval_scale * interval_of(r, t))
 
-    h = nn.Dense(self.width, name="input", **kw)(z).astype(acc)
+    h = Dense(self.width, name="input", **kw)(z).astype(acc)
     wanted = self.resolved_feature_layers() if return_features else ()
     outputs = []
     for i in range(self.depth):
       h = ResidualBlock(self.width, name=f"blocks_{i}", **kw)(h, c)
       outputs.append(h)
     h = nn.silu(nn.LayerNorm(dtype=self.dtype)(h))
-    velocity = nn.Dense(z.shape[-1], name="output", **kw)(h).astype(acc)
+    velocity = Dense(z.shape[-1], name="output", **kw)(h).astype(acc)
     if not return_features:
       return velocity
     return velocity, [outputs[i][:, None, :] for i in wanted]

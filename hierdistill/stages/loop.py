@@ -169,12 +169,14 @@ def run_stage(stage, *, config, workdir: str, mesh, pipeline, frozen: dict,
 
   frozen_shardings = jax.tree.map(lambda a: a.sharding, frozen)
   health_shardings = jax.tree.map(lambda _: shard_lib.replicated(mesh), health)
-  step_fn = jax.jit(
+  # Traced under the mesh (jax.set_mesh): the models pin their activations to the batch layout
+  # only when they see it, and without the pins XLA gathers activations, not weights, under FSDP.
+  step_fn = shard_lib.under_mesh(jax.jit(
       _count_skips(stage.train_step),
       in_shardings=((shardings, health_shardings), frozen_shardings,
                     shard_lib.batch_sharding(mesh)),
       out_shardings=((shardings, health_shardings), shard_lib.replicated(mesh)),
-      donate_argnums=(0,))
+      donate_argnums=(0,)), mesh)
   health = jax.device_put(health, health_shardings)
 
   total = int(cfg.num_steps)
@@ -249,7 +251,8 @@ def run_stage(stage, *, config, workdir: str, mesh, pipeline, frozen: dict,
   samples_path = None
   # Every process runs the sampler (it is one program over the mesh); process 0 writes.
   noise, labels = grid
-  sample_fn = jax.jit(stage.sample, out_shardings=shard_lib.replicated(mesh))
+  sample_fn = shard_lib.under_mesh(
+      jax.jit(stage.sample, out_shardings=shard_lib.replicated(mesh)), mesh)
   images = np.asarray(jax.device_get(sample_fn(state.ema_params, jnp.asarray(noise),
                                                jnp.asarray(labels))))
   samples_path = os.path.join(ckpt_lib.stage_dir(workdir, stage.name), f"samples_step{total}.png")
