@@ -185,17 +185,30 @@ def with_shardings(abstract, shardings):
 def maybe_initialize_distributed() -> None:
   """jax.distributed.initialize when launched as several processes (cluster env detected).
 
-  On TPU pods and SLURM/GPU clusters jax finds the coordinator itself; a single process does
-  nothing. Call before any other jax call.
+  On TPU pods and SLURM/GPU clusters jax finds the coordinator itself. Anywhere else (several
+  processes on one machine, a cluster jax does not know) set JAX_COORDINATOR_ADDRESS=host:port,
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID for each process; on CPU (JAX_PLATFORMS=cpu) the gloo
+  collectives are selected, since the CPU backend has none across processes otherwise. A single
+  process does nothing. Call before any other jax call.
   """
   import os
-  if any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
-                                   "MEGASCALE_COORDINATOR_ADDRESS")):
-    try:
-      jax.distributed.initialize()
-    except RuntimeError as e:  # already initialised by the caller
-      if "already" not in str(e):
-        raise
+  env = os.environ
+  if not any(k in env for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
+                                "MEGASCALE_COORDINATOR_ADDRESS")):
+    return
+  if "JAX_COORDINATOR_ADDRESS" in env and "JAX_NUM_PROCESSES" in env:
+    if "JAX_PROCESS_ID" not in env:
+      raise ConfigError("JAX_NUM_PROCESSES is set but JAX_PROCESS_ID is not; set it to this "
+                        "process's index (0 to JAX_NUM_PROCESSES - 1).")
+    initialize_distributed(
+        env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"]),
+        cpu_collectives="gloo" if env.get("JAX_PLATFORMS", "") == "cpu" else None)
+    return
+  try:
+    jax.distributed.initialize()
+  except RuntimeError as e:  # already initialised by the caller
+    if "already" not in str(e):
+      raise
 
 
 def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int, *,

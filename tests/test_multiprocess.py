@@ -149,3 +149,37 @@ def test_losses_equal_the_single_process_run(runs, stage):
 @pytest.mark.parametrize("stage", STAGES)
 def test_every_stage_losses_equal_the_single_process_run(runs_all, stage):
   _check_losses(runs_all, stage)
+
+
+@pytest.mark.slow
+def test_launch_starts_two_processes_from_the_environment(tmp_path):
+  """launch/main.py, as a user starts it on a machine jax does not know as a cluster: the
+  coordinator, process count and index in the environment, gloo chosen for CPU by
+  sharding.maybe_initialize_distributed. Both processes train the teacher on one (2, 4) mesh."""
+  reason = _gloo_available()
+  if reason:
+    pytest.skip(f"no multi-process CPU collectives: {reason}")
+  from experiments import digits  # pylint: disable=g-import-not-at-top
+  from hierdistill import pipeline  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path / "tfds")
+  config = digits.get_config("tiny")
+  config.data.data_dir = data_dir
+  pipeline.load_train_set(config.data)  # built once here: two processes would race to write it
+  port = _free_port()
+  workdir = str(tmp_path / "run")
+  procs = []
+  for pid in range(2):
+    env = _env(4)
+    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen(
+        [sys.executable, "launch/main.py", "--config=experiments/digits.py:tiny",
+         f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+         "--config.stages=('teacher',)", "--config.mesh.data=2", "--config.mesh.fsdp=4"],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  outs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  summary = json.load(open(os.path.join(workdir, "summary.json")))
+  assert summary["stages"]["teacher"]["steps_run"] == 4
+  assert "[teacher] step 4/4" in outs[0]
