@@ -94,7 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Sample grids: the same noise and labels for every stage.
   c.sample = ml_collections.ConfigDict(dict(
       grid_size=100, teacher_steps=50, teacher_method="euler", cfg_scale=1.5,
-      cfg_interval=config_dict.placeholder(tuple)))
+      cfg_interval=config_dict.placeholder(tuple),
+      # Guide only the first this many channels (DiT/SiT's samplers guide 3 of 4); None: all.
+      guided_channels=config_dict.placeholder(int)))
 
   c.eval = ml_collections.ConfigDict(dict(
       num_samples=1000, batch_size=500,

@@ -97,7 +97,11 @@ def get_config(arg=None):
       disc_optimizer=optimizer(2e-6, b1=0.0, b2=0.99))  # [ours]
   c.distribution.discriminator.update(hidden=1024)  # [ours]
 
-  c.sample.update(grid_size=64, teacher_steps=250, teacher_method="euler", cfg_scale=1.5)
+  # The teacher's sampler as SiT's sample.py runs it: 250 Euler steps (SDE in their paper; ODE
+  # here), CFG 1.5 on the first 3 of the 4 latent channels (forward_with_cfg), so that the
+  # teacher row reproduces the published figure [SiT].
+  c.sample.update(grid_size=64, teacher_steps=250, teacher_method="euler", cfg_scale=1.5,
+                  guided_channels=3)
 
   c.eval = ml_collections.ConfigDict(dict(
       num_samples=50_000,  # [ADM] FID-50K (PITFALLS.md: never compare 10K with 50K)

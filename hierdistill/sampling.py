@@ -140,12 +140,13 @@ def sample_teacher(v_fn: CondVelocityFn, noise: Array, y: Array, *, num_steps: i
                    method: str = "euler", cfg_scale: float = 1.0,
                    cfg_interval: Optional[Sequence[float]] = None,
                    null_label: Optional[int] = None, t_start: float = 1.0,
-                   t_end: float = 0.0) -> Array:
+                   t_end: float = 0.0, guided_channels: Optional[int] = None) -> Array:
   """Samples a class-conditional flow teacher with classifier-free guidance.
 
   Every velocity evaluation is `paths.cfg_velocity`: v_w = v(z, t | null) + w (v(z, t | y) -
   v(z, t | null)), with w = cfg_scale inside `cfg_interval` = (t_lo, t_hi) and 1 outside it
-  (None: everywhere). With cfg_scale == 1 the unconditional pass is skipped.
+  (None: everywhere), on the first `guided_channels` channels (None: all; see cfg_velocity).
+  With cfg_scale == 1 the unconditional pass is skipped.
 
   v_fn(z, t, y) -> v; noise: (B, ...); y: (B,) labels; null_label: the label of the
   unconditional model (num_classes by our convention), needed whenever cfg_scale != 1.
@@ -159,7 +160,7 @@ def sample_teacher(v_fn: CondVelocityFn, noise: Array, y: Array, *, num_steps: i
 
   def guided(z, t):
     return cfg_velocity(v_fn, z, t, y, w=cfg_scale, null_label=null_label,
-                        interval=cfg_interval)
+                        interval=cfg_interval, guided_channels=guided_channels)
 
   return solver(guided, noise, num_steps, t_start=t_start, t_end=t_end)
 

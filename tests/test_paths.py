@@ -193,6 +193,20 @@ def test_cfg_velocity_jits_and_takes_images():
   np.testing.assert_allclose(v, v_u + w * (v_c - v_u), rtol=1e-6, atol=1e-6)
 
 
+def test_cfg_velocity_guides_only_the_first_channels_when_asked(zty):
+  """DiT's and SiT's forward_with_cfg guide latent channels 0-2 and leave channel 3
+  conditional: guided_channels=3 reproduces that; None guides all four."""
+  z, t, y = zty
+  model = CountingModel()
+  v_c, v_u = model(z, t, y), model(z, t, jnp.full_like(y, NULL))
+  full = paths.cfg_velocity(model, z, t, y, w=4.0, null_label=NULL)
+  three = paths.cfg_velocity(model, z, t, y, w=4.0, null_label=NULL, guided_channels=3)
+  np.testing.assert_allclose(three[:, :3], full[:, :3], rtol=1e-6)
+  np.testing.assert_allclose(three[:, 3], v_c[:, 3], rtol=1e-6)
+  assert not np.allclose(full[:, 3], v_c[:, 3])  # the model's two passes differ there
+  np.testing.assert_allclose(full, v_u + 4.0 * (v_c - v_u), rtol=1e-6, atol=1e-6)
+
+
 def test_reexports():
   x, e, t = jnp.ones((2, 3)), jnp.zeros((2, 3)), jnp.array([0.25, 1.0])
   np.testing.assert_allclose(paths.interpolate(x, e, t), [[0.75] * 3, [0.0] * 3])

@@ -56,6 +56,7 @@ def teacher_sampler(chain, num_steps: int) -> Callable:
     return sampling.sample_teacher(
         common.velocity_fn(teacher, params), noise, y, num_steps=num_steps,
         method=s.teacher_method, cfg_scale=s.cfg_scale, cfg_interval=s.get("cfg_interval"),
+        guided_channels=s.get("guided_channels"),
         null_label=null_label)
   return fn
 

@@ -59,4 +59,5 @@ class TeacherStage:
         common.velocity_fn(self.model, params), noise, y,
         num_steps=num_steps or s.teacher_steps, method=s.teacher_method,
         cfg_scale=s.cfg_scale, cfg_interval=s.get("cfg_interval"),
+        guided_channels=s.get("guided_channels"),
         null_label=self.config.model.num_classes)
