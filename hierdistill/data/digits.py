@@ -120,6 +120,8 @@ def builder(data_dir: str) -> Digits8x8:
     with _build_lock(data_dir):
       b = Digits8x8(data_dir=data_dir)  # Another process may have built it meanwhile.
       if not b.is_prepared():
+        print(f"[data] building {NAME} under {data_dir} (once; a few seconds)", flush=True)
+        tfds.disable_progress_bar()  # a one-off build of 1,797 images: the bars are noise
         b.download_and_prepare(
             file_format=FILE_FORMAT,
             # Nothing to fetch: never ask GCS for a prepared copy (the machine may be offline).
