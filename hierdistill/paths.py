@@ -58,6 +58,22 @@ def guidance_scale(t: Array, w: float, interval: Optional[Sequence[float]] = Non
   return jnp.where((t >= t_lo) & (t <= t_hi), w_t, 1.0)
 
 
+def pair_rows(a: Array, b: Array) -> Array:
+  """(B, ...) and (B, ...) -> (2B, ...) with rows a_0, b_0, a_1, b_1, ...
+
+  Why interleave rather than concatenate: with the batch sharded over devices, row i's pair
+  stays on row i's device, where jnp.concatenate([a, b]) would move half of each to another
+  device (XLA all-gathers the batch for it). unpair_rows undoes it.
+  """
+  return jnp.stack([a, b], axis=1).reshape((2 * a.shape[0],) + a.shape[1:])
+
+
+def unpair_rows(ab: Array) -> tuple[Array, Array]:
+  """The inverse of pair_rows: (2B, ...) -> ((B, ...), (B, ...))."""
+  ab = ab.reshape((ab.shape[0] // 2, 2) + ab.shape[1:])
+  return ab[:, 0], ab[:, 1]
+
+
 def cfg_velocity(v_fn: Callable[[Array, Array, Array], Array], z: Array, t: Array, y: Array, *,
                  w: float, null_label: int,
                  interval: Optional[Sequence[float]] = None,
@@ -73,11 +89,9 @@ def cfg_velocity(v_fn: Callable[[Array, Array, Array], Array], z: Array, t: Arra
   """
   if w == 1.0:
     return v_fn(z, t, y).astype(jnp.float32)
-  b = z.shape[0]
-  v_both = v_fn(jnp.concatenate([z, z]), jnp.concatenate([t, t]),
-                jnp.concatenate([y, jnp.full_like(y, null_label)]))
-  v_cond = v_both[:b]
-  guided = guided_velocity(v_cond, v_both[b:], guidance_scale(t, w, interval))
+  null = jnp.full_like(y, null_label)
+  v_cond, v_uncond = unpair_rows(v_fn(pair_rows(z, z), pair_rows(t, t), pair_rows(y, null)))
+  guided = guided_velocity(v_cond, v_uncond, guidance_scale(t, w, interval))
   if guided_channels is None:
     return guided
   return jnp.concatenate([guided[..., :guided_channels],

@@ -207,6 +207,17 @@ def test_cfg_velocity_guides_only_the_first_channels_when_asked(zty):
   np.testing.assert_allclose(full, v_u + 4.0 * (v_c - v_u), rtol=1e-6, atol=1e-6)
 
 
+def test_pair_rows_interleaves_and_unpairs():
+  a = jnp.arange(6.0).reshape(3, 2)
+  b = -a
+  ab = paths.pair_rows(a, b)
+  np.testing.assert_array_equal(ab[0::2], a)  # row i's pair sits beside it: 2i and 2i + 1
+  np.testing.assert_array_equal(ab[1::2], b)
+  a2, b2 = paths.unpair_rows(ab)
+  np.testing.assert_array_equal(a2, a)
+  np.testing.assert_array_equal(b2, b)
+
+
 def test_reexports():
   x, e, t = jnp.ones((2, 3)), jnp.zeros((2, 3)), jnp.array([0.25, 1.0])
   np.testing.assert_allclose(paths.interpolate(x, e, t), [[0.75] * 3, [0.0] * 3])

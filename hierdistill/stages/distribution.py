@@ -107,10 +107,11 @@ class DistributionStage:
       t_d = self._disc_t(k_td, x.shape[0])
       z_real = losses.interpolate(x, jax.random.normal(k_dr, x.shape), t_d)
       z_fake = losses.interpolate(g, jax.random.normal(k_df, x.shape), t_d)
+      # One pass over real and fake rows, paired so each stays on its device (paths.pair_rows).
       logits, _ = self.discriminate(fake_params, teacher_params, disc_params,
-                                    jnp.concatenate([z_real, z_fake]),
-                                    jnp.concatenate([t_d, t_d]), jnp.concatenate([y, y]))
-      d_loss, d_metrics = losses.discriminator_loss(logits[:x.shape[0]], logits[x.shape[0]:])
+                                    paths.pair_rows(z_real, z_fake), paths.pair_rows(t_d, t_d),
+                                    paths.pair_rows(y, y))
+      d_loss, d_metrics = losses.discriminator_loss(*paths.unpair_rows(logits))
       loss = loss + self.cfg.disc_weight * d_loss
       metrics.update(d_metrics)
     return loss, metrics
