@@ -124,9 +124,15 @@ def test_handoff_generator_starts_as_stage1_ema(one_device_run, data_dir):
   x0 = jnp.zeros((1,) + chain.dataset.shape)
   state = stage2.init(jax.random.PRNGKey(0), x0, jnp.zeros((1,), jnp.int32),
                       chain.handoff("distribution"))
+  stage1_ema = chain.load_export("trajectory")
+  # The generator's weights are stage 1's final EMA weights, bit for bit ...
+  jax.tree.map(np.testing.assert_array_equal, state.params, stage1_ema)
+  # ... so it draws stage 1's one-step sketch. The two paths are different programs (stage 1's
+  # sampler loops over steps under XLA, the generator runs op by op here), so XLA's fusion may
+  # round a few elements differently in the last bit: equal to float32 precision.
   g = stage2.generate(state.params, e, y)
-  sketch = stage1.sample(chain.load_export("trajectory"), e, y)
-  np.testing.assert_array_equal(np.asarray(g), np.asarray(sketch))
+  sketch = stage1.sample(stage1_ema, e, y)
+  np.testing.assert_allclose(np.asarray(g), np.asarray(sketch), rtol=1e-6, atol=1e-7)
   # The fake network starts as the teacher.
   jax.tree.map(np.testing.assert_array_equal, state.fake_params, chain.teacher_params)
 
