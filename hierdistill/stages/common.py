@@ -49,7 +49,8 @@ def ema_decay_at(decay: float, step: Array) -> Array:
   Why the warm-up: the EMA starts at the initial params, and a constant decay d keeps d^n of
   them after n steps: 0.999^2500 = 8% of a random initialisation still in a teacher's EMA after
   2,500 steps, enough to spoil its samples. The warm-up (TensorFlow's num_updates rule) lets
-  the average follow the params early and reach `decay` after 9 / (1 - decay) - 1 steps (8,999 for 0.999).
+  the average follow the params early and reach `decay` after 9 / (1 - decay) - 1 steps
+  (8,999 for 0.999).
   """
   step = jnp.asarray(step, jnp.float32)
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
