@@ -130,7 +130,7 @@ class Attention(nn.Module):
     b, n, d = x.shape
     head_dim = d // self.num_heads
     qkv = Dense(3 * d, kernel_init=_XAVIER, bias_init=_ZEROS, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="qkv")(x)
+                param_dtype=self.param_dtype, name="qkv")(x)
     # (B, N, 3, H, hd): the order of torch's qkv.reshape(B, N, 3, H, hd), so imports map 1:1.
     qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -145,7 +145,7 @@ class Attention(nn.Module):
       out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
     out = out.reshape(b, n, d)
     return Dense(d, kernel_init=_XAVIER, bias_init=_ZEROS, dtype=self.dtype,
-                  param_dtype=self.param_dtype, name="proj")(out)
+                 param_dtype=self.param_dtype, name="proj")(out)
 
 
 class FeedForward(nn.Module):
@@ -159,10 +159,10 @@ class FeedForward(nn.Module):
   def __call__(self, x: Array) -> Array:
     """x: (B, N, D). Returns (B, N, D) in the compute dtype."""
     h = Dense(int(self.hidden_size * self.mlp_ratio), kernel_init=_XAVIER, bias_init=_ZEROS,
-               dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
+              dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
     h = nn.gelu(h, approximate=True)
     return Dense(self.hidden_size, kernel_init=_XAVIER, bias_init=_ZEROS, dtype=self.dtype,
-                  param_dtype=self.param_dtype, name="fc2")(h)
+                 param_dtype=self.param_dtype, name="fc2")(h)
 
 
 class DiTBlock(nn.Module):
@@ -179,7 +179,7 @@ class DiTBlock(nn.Module):
   def __call__(self, x: Array, c: Array) -> Array:
     """x: (B, N, D) residual stream (float32); c: (B, D) conditioning. Returns x's dtype."""
     mod = Dense(6 * self.hidden_size, kernel_init=_ZEROS, bias_init=_ZEROS, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="adaLN_modulation")(nn.silu(c))
+                param_dtype=self.param_dtype, name="adaLN_modulation")(nn.silu(c))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(
         mod[:, None, :], 6, axis=-1)
     h = _modulate(_layer_norm(self.dtype)(x), shift_msa, scale_msa)
@@ -206,12 +206,12 @@ class FinalLayer(nn.Module):
   def __call__(self, x: Array, c: Array) -> Array:
     """x: (B, N, D), c: (B, D). Returns (B, N, p * p * C_out) in the compute dtype."""
     mod = Dense(2 * self.hidden_size, kernel_init=_ZEROS, bias_init=_ZEROS, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="adaLN_modulation")(nn.silu(c))
+                param_dtype=self.param_dtype, name="adaLN_modulation")(nn.silu(c))
     shift, scale = jnp.split(mod[:, None, :], 2, axis=-1)
     x = _modulate(_layer_norm(self.dtype)(x), shift, scale)
     return Dense(self.patch_size ** 2 * self.out_channels, kernel_init=_ZEROS,
-                  bias_init=_ZEROS, dtype=self.dtype, param_dtype=self.param_dtype,
-                  name="linear")(x)
+                 bias_init=_ZEROS, dtype=self.dtype, param_dtype=self.param_dtype,
+                 name="linear")(x)
 
 
 class DiT(nn.Module):
