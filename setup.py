@@ -25,6 +25,10 @@ setup(
         # The embedded default experiment builds its data set from the 8x8 digits that
         # scikit-learn ships inside its wheel: the only way to train with no download.
         "scikit-learn>=1.3",
+        # The text encoder's and CLIP score's tokenizers read the tokenizer.json that ships with
+        # the published weights (Gemma-2, CLIP): `tokenizers` is the only reader of that format.
+        # A compiled package with no torch dependency.
+        "tokenizers>=0.19",
     ],
     extras_require={
         "test": ["pytest>=8"],
@@ -34,6 +38,9 @@ setup(
         # below 2.14 so that, with a CPU build of 2.13 installed first, pip adds nothing big.
         # pytorch-fid, the FID Inception reference, is installed with --no-deps (its torchvision
         # requirement would pull another torch): pip install --no-deps pytorch-fid==0.3.0
-        "torch": ["torch>=2.1,<2.14", "safetensors>=0.4", "diffusers>=0.27"],
+        # transformers: the reference implementations of Gemma-2 and CLIP that the text-encoder
+        # and CLIP-score importers are tested against.
+        "torch": ["torch>=2.1,<2.14", "safetensors>=0.4", "diffusers>=0.27",
+                  "transformers>=4.44"],
     },
 )
