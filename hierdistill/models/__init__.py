@@ -8,15 +8,19 @@ from hierdistill.models.awd import TokenDiscriminatorHead, token_weight_entropy
 from hierdistill.models.dit import DIT_SIZES, DiT, dit_config, init_student_from_teacher
 from hierdistill.models.mlp import MLPFlow
 from hierdistill.models.registry import build, build_discriminator
+from hierdistill.models.sana import SANA_SIZES, SanaTransformer, sana_config
 
 __all__ = [
     "DIT_SIZES",
     "DiT",
     "MLPFlow",
+    "SANA_SIZES",
+    "SanaTransformer",
     "TokenDiscriminatorHead",
     "build",
     "build_discriminator",
     "dit_config",
     "init_student_from_teacher",
+    "sana_config",
     "token_weight_entropy",
 ]
