@@ -23,7 +23,8 @@ def tokenizer_file(tmp_path_factory):
   tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
+  trainer = trainers.BpeTrainer(vocab_size=300,
+                                special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
   tok.train_from_iterator(list(sp.COMPLEX_HUMAN_INSTRUCTION) + PROMPTS, trainer)
   tok.post_processor = processors.TemplateProcessing(single="<bos> $A",
@@ -48,8 +49,8 @@ def _pipeline(tok, prompts, chi, max_sequence_length=300):
     ids.append(tokens + [tok.token_to_id("<pad>")] * (max_length - len(tokens)))
     mask.append([1] * len(tokens) + [0] * (max_length - len(tokens)))
   select_index = [0] + list(range(-max_sequence_length + 1, 0))
-  return np.array(ids), np.array(mask), np.array(ids)[:, select_index], np.array(mask)[:,
-                                                                                        select_index]
+  ids, mask = np.array(ids), np.array(mask)
+  return ids, mask, ids[:, select_index], mask[:, select_index]
 
 
 def test_prompts_with_the_instruction_match_the_pipeline(tokenizer_file):

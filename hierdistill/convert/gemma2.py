@@ -164,7 +164,8 @@ def load_gemma2(path: str, *, config_key: str = "config.text_encoder.path",
   FileNotFoundError naming config_key.
   """
   import ml_dtypes  # pylint: disable=g-import-not-at-top
-  from hierdistill.models.gemma2 import GEMMA2_2B, Gemma2Encoder  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from hierdistill.models.gemma2 import GEMMA2_2B, Gemma2Encoder
   if not path or not os.path.exists(path):
     raise FileNotFoundError(f"{config_key}={path!r}: no such file or folder; expected "
                             f"{WHERE_PUBLISHED}")
