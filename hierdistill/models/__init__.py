@@ -5,22 +5,31 @@ and returns the mean velocity u(z, r, t | y) in float32 (r = None: the instantan
 v(z, t | y)). Models know nothing of losses or training.
 """
 from hierdistill.models.awd import TokenDiscriminatorHead, token_weight_entropy
+from hierdistill.models.clip import CLIP, CLIP_VIT_L14, clip_score, preprocess_images
 from hierdistill.models.dit import DIT_SIZES, DiT, dit_config, init_student_from_teacher
+from hierdistill.models.gemma2 import GEMMA2_2B, GEMMA2_SIZES, Gemma2Encoder
 from hierdistill.models.mlp import MLPFlow
 from hierdistill.models.registry import build, build_discriminator
 from hierdistill.models.sana import SANA_SIZES, SanaTransformer, sana_config
 
 __all__ = [
+    "CLIP",
+    "CLIP_VIT_L14",
     "DIT_SIZES",
     "DiT",
+    "GEMMA2_2B",
+    "GEMMA2_SIZES",
+    "Gemma2Encoder",
     "MLPFlow",
     "SANA_SIZES",
     "SanaTransformer",
     "TokenDiscriminatorHead",
     "build",
     "build_discriminator",
+    "clip_score",
     "dit_config",
     "init_student_from_teacher",
+    "preprocess_images",
     "sana_config",
     "token_weight_entropy",
 ]
