@@ -93,7 +93,7 @@ def _train(config, workdir, stages):
 
 def run_seed(seed: int, out_dir: str) -> list[dict]:
   from hierdistill import pipeline  # pylint: disable=g-import-not-at-top
-  from hierdistill.stages.evaluate import Evaluator  # pylint: disable=g-import-not-at-top
+  from hierdistill.evaluation.embedded import Evaluator  # pylint: disable=g-import-not-at-top
 
   root = os.path.join(_WORKDIR.value, _EXPERIMENT.value, f"seed{seed}")
   base_dir = os.path.join(root, "base")
@@ -119,7 +119,7 @@ def run_seed(seed: int, out_dir: str) -> list[dict]:
     print(f"[hd_table seed {seed}] {row}", flush=True)
     if seed == int(_SEEDS.value[0]):
       slug = row["model"].split(" (")[0].replace(" ", "_").replace(",", "").replace("+", "plus")
-      chain.save_grid(ev.last_samples[:int(chain.config.sample.grid_size)],
+      chain.source.save_grid(ev.last_samples[:int(chain.config.sample.grid_size)],
                       os.path.join(out_dir, f"{_EXPERIMENT.value}_{slug}.png"))
 
   add(ev.teacher(teacher, n), base_times.get("teacher", float("nan")))

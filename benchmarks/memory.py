@@ -131,7 +131,7 @@ def main(argv=None):
     frozen = {"teacher": teacher} if name != "teacher" else {}
     lead = (args.batch, k) if k > 1 else (args.batch,)
     batch = {"x": jax.ShapeDtypeStruct(lead + shape, jnp.float32),
-             "y": jax.ShapeDtypeStruct(lead, jnp.int32)}
+             "c": jax.ShapeDtypeStruct(lead, jnp.int32)}
     shardings = (sharding.state_shardings(state, mesh, config.sharding_rules),
                  sharding.state_shardings(frozen, mesh, config.sharding_rules),
                  jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch))

@@ -167,7 +167,7 @@ def flops_only(config, nets, args, shape) -> dict:
   b = args.batch
   ex_x, ex_y = jnp.zeros((1,) + shape), jnp.zeros((1,), jnp.int32)
   batch = {"x": jax.ShapeDtypeStruct((b,) + shape, jnp.float32),
-           "y": jax.ShapeDtypeStruct((b,), jnp.int32)}
+           "c": jax.ShapeDtypeStruct((b,), jnp.int32)}
   teacher = nets.abstract_params(shape, student=False)
   fm_stage = TeacherStage(config, nets.student)
   fm_state = jax.eval_shape(lambda r: fm_stage.init(r, ex_x, ex_y), jax.random.PRNGKey(0))
@@ -233,7 +233,7 @@ def main(argv=None):
   ex_x, ex_y = jnp.zeros((1,) + shape), jnp.zeros((1,), jnp.int32)
   x = jax.random.normal(k_x, (b, k + 1) + shape)
   y = jax.random.randint(k_y, (b, k + 1), 0, args.num_classes)
-  batch = {"x": x[:, 0], "y": y[:, 0]}
+  batch = {"x": x[:, 0], "c": y[:, 0]}
   key = jax.random.PRNGKey(1)
 
   teacher_stage = TeacherStage(config, nets.teacher)
@@ -246,8 +246,8 @@ def main(argv=None):
 
   # One student forward at batch B: the unit the passes are counted in.
   fwd = Timed(lambda p, z, t, yy: common.apply_model(nets.student, p, z, t, t, yy),
-              student_params, batch["x"], jnp.ones((b,)), batch["y"])
-  t_fwd, _ = fwd.median(student_params, batch["x"], jnp.ones((b,)), batch["y"],
+              student_params, batch["x"], jnp.ones((b,)), batch["c"])
+  t_fwd, _ = fwd.median(student_params, batch["x"], jnp.ones((b,)), batch["c"],
                         iters=args.iters)
   print("pass / step                                       time          FLOPs    achieved"
         "      utilisation")
@@ -272,8 +272,8 @@ def main(argv=None):
     state1 = state1[0]
     z = batch["x"]
     t_vec = jax.random.uniform(k_s, (b,))
-    tv = Timed(stage1.teacher_velocity, teacher_params, z, t_vec, batch["y"])
-    t_tv, _ = tv.median(teacher_params, z, t_vec, batch["y"], iters=args.iters)
+    tv = Timed(stage1.teacher_velocity, teacher_params, z, t_vec, batch["c"])
+    t_tv, _ = tv.median(teacher_params, z, t_vec, batch["c"], iters=args.iters)
     alone = _StudentOnly(config, nets.student, nets.teacher)
     s1a = Timed(alone.train_step, state1, frozen, batch, donate=True)
     t_s1a, _ = s1a.median(state1, frozen, batch, iters=args.iters)
@@ -292,7 +292,7 @@ def main(argv=None):
     stage2 = DistributionStage(config, nets.student, nets.teacher, nets.discriminator)
     state2 = jax.jit(lambda r, i: stage2.init(r, ex_x, ex_y, i))(
         k_init, {"generator": student_params, "teacher": teacher_params})
-    batch2 = {"x": x, "y": y}
+    batch2 = {"x": x, "c": y}
     critic = Timed(jax.value_and_grad(stage2.critic_loss, has_aux=True),
                    (state2.fake_params, state2.disc_params), state2.params, teacher_params,
                    x[:, 0], y[:, 0], key)

@@ -27,13 +27,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_consecutive_nonfinite = 20
 
   c.data = ml_collections.ConfigDict(dict(
-      name="digits8x8",  # 'digits8x8', '8gaussians', '25gaussians'
+      name="digits8x8",  # a data source of hierdistill/sources (e.g. 'digits8x8_text')
       # tfds data dir where embedded sets are built; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
       data_dir="",
       seed=0,  # toy sets only: the seed of their fixed training set
       unconditional=False))  # drop the labels: one class (toy 2-D mode-collapse studies)
 
   # The network: `name` ('dit' | 'mlp') and that module's fields (models/registry.py).
+  # class_dropout_prob: condition dropout for CFG, labels or captions alike.
   # feature_layers: the blocks whose tokens the discriminator reads.
   # time_scale, interval_scale: the time and interval embedders read t and t - r in [0, 1], as
   # SiT does. DiT's 1000 t puts sinusoids of up to 1000 rad per unit t into the network, and
@@ -45,7 +46,10 @@ def base_config() -> ml_collections.ConfigDict:
       name="dit", input_size=8, in_channels=1, patch_size=2,
       hidden_size=64, depth=4, num_heads=4, mlp_ratio=4.0, num_classes=10,
       class_dropout_prob=0.1, feature_layers=(1, 3), dtype="float32", param_dtype="float32",
-      time_scale=1.0, interval_scale=1.0, remat=False))
+      time_scale=1.0, interval_scale=1.0, remat=False,
+      # > 0: a text model reading caption tokens of this width by cross-attention
+      # (experiments/digits_text.py); 0: class labels.
+      caption_channels=0))
 
   # Stage 0: the teacher, trained by flow matching. init_checkpoint: a directory of exported
   # teacher params (e.g. <run>/teacher/checkpoints/<step>/export) to distil instead of training

@@ -71,10 +71,10 @@ def validate_config(config) -> None:
                       "teacher, yet config.stages also trains one; drop 'teacher' from "
                       "config.stages, or set --config.teacher.init_checkpoint=''.")
 
-  from hierdistill import data  # pylint: disable=g-import-not-at-top  (numpy only)
-  if config.data.name not in data.DATASETS:
+  from hierdistill import sources  # pylint: disable=g-import-not-at-top  (the names only)
+  if config.data.name not in sources.NAMES:
     raise ConfigError(f"config.data.name={config.data.name!r}: no such data set; choose from "
-                      f"{data.DATASETS}.")
+                      f"{sources.NAMES}.")
 
   dist = config.distribution
   if dist.discriminator.pooling not in DISCRIMINATOR_POOLINGS:
@@ -108,19 +108,3 @@ def check_batch_sizes(config, num_devices: int, num_processes: int = 1) -> None:
     if b % num_processes:
       raise ConfigError(f"config.{key}={b} is not divisible by the {num_processes} processes; "
                         f"use a multiple of {num_processes}.")
-
-
-def check_data_matches_model(dataset, config) -> None:
-  """The data set's class count and example shape are what the model is built for."""
-  if dataset.num_classes != config.model.num_classes:
-    raise ConfigError(
-        f"config.model.num_classes={config.model.num_classes} but the data set "
-        f"{config.data.name!r} has {dataset.num_classes} classes; set "
-        f"--config.model.num_classes={dataset.num_classes}.")
-  m = config.model
-  if m.name == "dit" and tuple(dataset.shape) != (m.input_size, m.input_size, m.in_channels):
-    h, _, c = dataset.shape if len(dataset.shape) == 3 else (None, None, None)
-    raise ConfigError(
-        f"config.model expects {m.input_size}x{m.input_size}x{m.in_channels} images but "
-        f"{config.data.name!r} has examples of shape {tuple(dataset.shape)}; set "
-        f"--config.model.input_size={h} --config.model.in_channels={c}.")

@@ -6,10 +6,11 @@ kind of (r, t) only.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hierdistill.losses import guided_velocity, interpolate  # noqa: F401  (re-exported)
 
@@ -74,13 +75,15 @@ def unpair_rows(ab: Array) -> tuple[Array, Array]:
   return ab[:, 0], ab[:, 1]
 
 
-def cfg_velocity(v_fn: Callable[[Array, Array, Array], Array], z: Array, t: Array, y: Array, *,
-                 w: float, null_label: int,
-                 interval: Optional[Sequence[float]] = None,
+def cfg_velocity(v_fn: Callable[[Array, Array, Any], Array], z: Array, t: Array, c: Any, *,
+                 w: float, null: Any, interval: Optional[Sequence[float]] = None,
                  guided_channels: Optional[int] = None) -> Array:
-  """The guided velocity v_w(z, t | y) = v(z, t | null) + w (v(z, t | y) - v(z, t | null)).
+  """The guided velocity v_w(z, t | c) = v(z, t | null) + w (v(z, t | c) - v(z, t | null)).
 
-  v_fn(z, t, y) -> v. The conditional and unconditional passes go through the model as one
+  v_fn(z, t, c) -> v. c: the condition, a pytree with the batch as leading axis of every leaf
+  (class labels (B,), or text embeddings and mask: conditions.py). null: the null condition,
+  the same pytree (e.g. conditions.Labels(K).null_like(c)); a plain int is taken as the null
+  label for every row. The conditional and unconditional passes go through the model as one
   batch of 2B, which is one large matmul instead of two small ones. With w == 1 (no guidance)
   the unconditional pass is skipped. Outside the guidance interval the scale is 1.
   guided_channels: guide only the first this many channels (last axis) and keep the
@@ -88,9 +91,11 @@ def cfg_velocity(v_fn: Callable[[Array, Array, Array], Array], z: Array, t: Arra
   (their forward_with_cfg); their published FIDs need it. None: all channels.
   """
   if w == 1.0:
-    return v_fn(z, t, y).astype(jnp.float32)
-  null = jnp.full_like(y, null_label)
-  v_cond, v_uncond = unpair_rows(v_fn(pair_rows(z, z), pair_rows(t, t), pair_rows(y, null)))
+    return v_fn(z, t, c).astype(jnp.float32)
+  if isinstance(null, (int, np.integer)):
+    null = jnp.full_like(c, null)
+  paired = jax.tree.map(pair_rows, c, null)
+  v_cond, v_uncond = unpair_rows(v_fn(pair_rows(z, z), pair_rows(t, t), paired))
   guided = guided_velocity(v_cond, v_uncond, guidance_scale(t, w, interval))
   if guided_channels is None:
     return guided

@@ -6,8 +6,9 @@ stage 2's generator from stage 1's final EMA params (or, for the DMD-only ablati
 teacher directly), its fake network from the teacher, its discriminator fresh. The teacher is read,
 never re-saved.
 
-Chain runs every experiment; what differs between data sources is in four hooks (see Chain),
-which imagenet_chain.ImageNetChain overrides for ImageNet latents. run() picks the class.
+Chain runs every experiment; what differs between data sets (their data, the kind of condition
+and its null, input pipeline, grids, scorer) belongs to the data source of config.data.name
+(sources/), which the chain uses through one interface and never by name.
 """
 from __future__ import annotations
 
@@ -22,17 +23,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from hierdistill import checkpoint as ckpt_lib
+from hierdistill import conditions as cond_lib
 from hierdistill import config_checks
 from hierdistill import models as models_lib
 from hierdistill import sharding as shard_lib
+from hierdistill import sources
 from hierdistill import workdir as workdir_lib
 from hierdistill.config_checks import STAGE_ORDER, ConfigError, validate_config
+from hierdistill.evaluation import driver
 from hierdistill.stages import loop
 from hierdistill.stages.distribution import DistributionStage
 from hierdistill.stages.teacher import TeacherStage
 from hierdistill.stages.trajectory import TrajectoryStage
 
-GRID_SALT = 0x9E1D  # the grid's noise and labels are the same in every stage and every run
 # config.teacher.init_checkpoint with one of these endings is a published PyTorch file, imported
 # by convert/ (SiT/DiT); anything else is a directory of exported params.
 PUBLISHED_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -46,7 +49,9 @@ def is_published_checkpoint(path) -> bool:
 class Networks:
   """The Flax modules of a run: teacher/fake network, student/generator, discriminator head."""
 
-  def __init__(self, config):
+  def __init__(self, config, conditions=None):
+    # The source's kind of condition (shapes for initialisation); class labels by default.
+    self.conditions = conditions or cond_lib.Labels(config.model.num_classes)
     try:  # the registry raises ValueError only for what the config asks (a key, a size, a dtype)
       net = models_lib.build(config.model)
       self.discriminator = models_lib.build_discriminator(config.distribution.discriminator,
@@ -62,29 +67,21 @@ class Networks:
     # Abstract inputs too: concrete ones would compile (zeros, ones) before the checks are done.
     x = jax.ShapeDtypeStruct((1,) + tuple(shape), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.float32)
-    y = jax.ShapeDtypeStruct((1,), jnp.int32)
+    c = self.conditions.abstract(1)
     return jax.eval_shape(
-        lambda x, t, y: net.init(jax.random.PRNGKey(0), x, t if student else None, t, y)["params"],
-        x, t, y)
+        lambda x, t, c: net.init(jax.random.PRNGKey(0), x, t if student else None, t, c)["params"],
+        x, t, c)
 
 
 def build_stage(name: str, config, nets: Networks):
   if name == "teacher":
-    return TeacherStage(config, nets.teacher)
+    return TeacherStage(config, nets.teacher, nets.conditions)
   if name == "trajectory":
-    return TrajectoryStage(config, nets.student, nets.teacher)
+    return TrajectoryStage(config, nets.student, nets.teacher, nets.conditions)
   if name == "distribution":
-    return DistributionStage(config, nets.student, nets.teacher, nets.discriminator)
+    return DistributionStage(config, nets.student, nets.teacher, nets.discriminator,
+                             nets.conditions)
   raise ValueError(f"unknown stage {name!r}; choose from {STAGE_ORDER}")
-
-
-def grid_inputs(config, data_shape) -> tuple[np.ndarray, np.ndarray]:
-  """Fixed noise and labels for the sample grids: each row cycles through the classes."""
-  n = int(config.sample.grid_size)
-  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), GRID_SALT)
-  noise = np.asarray(jax.random.normal(key, (n,) + tuple(data_shape)))
-  labels = np.arange(n, dtype=np.int32) % config.model.num_classes
-  return noise, labels
 
 
 class Chain:
@@ -97,13 +94,8 @@ class Chain:
   Everything a user can get wrong (config, devices, data, workdir, input checkpoints) is checked
   here, before anything compiles or is written, and raises ConfigError.
 
-  Hooks, for a data source that needs its own (imagenet_chain.ImageNetChain overrides each);
-  run_stage and run call them and are written once, here:
-    open_dataset()                          the training set, opened in __init__
-    make_pipeline(global_batch_size, seed)  a stage's training input, batches by step
-    save_grid(samples, path)                a PNG of samples (every stage's grid, eval's rows)
-    run_eval()                              the 'eval' stage
-  The teacher comes from this run's teacher stage, or from config.teacher.init_checkpoint: a
+  The data source (self.source, sources/base.DataSource) supplies the training input, the
+  condition kind, the grids and the eval scorer. The teacher comes from this run's teacher stage, or from config.teacher.init_checkpoint: a
   directory of exported params, or a published SiT/DiT file (PUBLISHED_SUFFIXES) imported by
   convert/ on first use (teacher_params, load_export).
   """
@@ -114,53 +106,19 @@ class Chain:
     self.workdir = workdir
     self.mesh = shard_lib.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
     config_checks.check_batch_sizes(config, self.mesh.devices.size, jax.process_count())
-    self.dataset = self.open_dataset()
-    config_checks.check_data_matches_model(self.dataset, config)
-    self.nets = Networks(config)
+    self.source = sources.open_source(config, workdir, self.mesh)
+    self.source.check_model()
+    self.nets = Networks(config, self.source.conditions)
     workdir_lib.check_writable(workdir)
     replace = workdir_lib.check_previous_run(config, workdir, overwrite)
     self._check_inputs(ignore_workdir=replace)
     if replace:
       workdir_lib.move_aside(workdir)
-    self.grid = grid_inputs(config, self.dataset.shape)
+    self.grid = self.source.grid()
     os.makedirs(workdir, exist_ok=True)
     workdir_lib.write_config(config, workdir)
     self.writer = writer or _make_writer(workdir)
     self._teacher = None
-
-  # -- hooks -----------------------------------------------------------------------------------
-
-  def open_dataset(self):
-    """The training set (config.data), read or opened once, before anything compiles.
-
-    What is returned becomes self.dataset: it needs `name`, `num_classes` and `shape` (one
-    example's), checked against config.model, plus whatever make_pipeline and save_grid read.
-    Raises ConfigError when the data cannot be found. Default: the set in memory (`x`, `y`).
-    """
-    return load_train_set(self.config.data)
-
-  def make_pipeline(self, global_batch_size: int, seed: int):
-    """This process's training input of one stage: batch(step), iterate(start_step) and an
-    `images` array whose shape[1:] is one example's (stages/loop.py). Its order depends only
-    on (seed, step), so a resumed stage reads what an uninterrupted one would have."""
-    from hierdistill import data as data_lib  # pylint: disable=g-import-not-at-top
-    return data_lib.InMemoryPipeline(
-        self.dataset.x, self.dataset.y, global_batch_size=global_batch_size, seed=seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
-
-  def save_grid(self, samples, path: str) -> None:
-    """Images as a PNG grid; 2-D points as a scatter plot over the real data."""
-    from hierdistill.evaluation import grids  # pylint: disable=g-import-not-at-top
-    if len(self.dataset.shape) == 1:
-      grids.scatter_png([self.dataset.x, samples], ["grey", "red"], path)
-    else:
-      grids.save_image_grid(samples, path)
-
-  def run_eval(self) -> dict:
-    """The 'eval' stage: stages/evaluate.py's rows, scored by its Evaluator (FD-digits,
-    FD-points, ...). Returns what goes under 'eval' in the summary (metrics_path included)."""
-    from hierdistill.stages import evaluate  # pylint: disable=g-import-not-at-top
-    return evaluate.run_eval(self)
 
   def _check_inputs(self, ignore_workdir: bool) -> None:
     """Each stage to run finds its inputs, and they fit the model (read from metadata only).
@@ -216,7 +174,7 @@ class Chain:
 
   def exported_shapes(self, stage: str):
     """(abstract params, shardings) of what `stage` exports: its EMA params."""
-    abstract = self.nets.abstract_params(self.dataset.shape, student=stage != "teacher")
+    abstract = self.nets.abstract_params(self.source.shape, student=stage != "teacher")
     return abstract, shard_lib.state_shardings(abstract, self.mesh, self.config.sharding_rules)
 
   @property
@@ -273,9 +231,10 @@ class Chain:
     return {"generator": generator, "teacher": teacher}
 
   def _student_from_teacher(self, teacher_params):
-    x = jnp.zeros((1,) + self.dataset.shape, jnp.float32)
+    x = jnp.zeros((1,) + self.source.shape, jnp.float32)
     t = jnp.ones((1,))
-    fresh = self.nets.student.init(jax.random.PRNGKey(0), x, t, t, jnp.zeros((1,), jnp.int32))
+    c = jax.tree.map(jnp.asarray, self.nets.conditions.example(1))
+    fresh = self.nets.student.init(jax.random.PRNGKey(0), x, t, t, c)
     return models_lib.init_student_from_teacher(fresh["params"], teacher_params)
 
   def run_stage(self, name: str) -> dict:
@@ -286,12 +245,13 @@ class Chain:
       return {"status": "finished earlier"}
     stage = build_stage(name, self.config, self.nets)
     rows = getattr(stage, "examples_per_row", 1)
-    data = self.make_pipeline(cfg.batch_size * rows, self.config.seed * 1000 + stage.stage_id)
+    data = self.source.make_pipeline(cfg.batch_size * rows,
+                                     self.config.seed * 1000 + stage.stage_id)
     frozen = {} if name == "teacher" else {"teacher": self.teacher_params}
     result = loop.run_stage(
         stage, config=self.config, workdir=self.workdir, mesh=self.mesh, pipeline=data,
         frozen=frozen, init_inputs=lambda abstract: self.handoff(name, abstract),
-        grid=self.grid, writer=self.writer, save_grid=self.save_grid)
+        grid=self.grid, writer=self.writer, save_grid=self.source.save_grid)
     return {"status": "trained", "steps_run": result.steps_run,
             "wall_time_s": round(result.wall_time_s, 1), "samples": result.samples_path,
             "final_metrics": result.final_metrics}
@@ -317,7 +277,7 @@ class Chain:
     summary: dict[str, Any] = {"workdir": os.path.abspath(self.workdir), "stages": {}}
     for name in self.config.stages:
       if name == "eval":
-        summary["eval"] = self.run_eval()
+        summary["eval"] = driver.run_eval(self)
       else:
         summary["stages"][name] = self.run_stage(name)
     self.writer.flush()
@@ -329,41 +289,9 @@ class Chain:
     return summary
 
 
-def chain_class(config) -> type:
-  """Chain, or the subclass whose hooks config.data needs."""
-  if config.data.name == "imagenet256_latents":
-    # ImageNet latents stream from shards, are decoded by the VAE and scored with Inception.
-    from hierdistill import imagenet_chain  # pylint: disable=g-import-not-at-top
-    return imagenet_chain.ImageNetChain
-  return Chain
-
-
 def run(config, workdir: str, **kwargs) -> dict:
   """Runs config.stages in order under `workdir` (see Chain)."""
-  return chain_class(config)(config, workdir, **kwargs).run()
-
-
-def data_dir_of(data_config) -> str:
-  """The tfds data dir: config.data.data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
-  return (data_config.data_dir or os.environ.get("TFDS_DATA_DIR")
-          or os.path.expanduser("~/tensorflow_datasets"))
-
-
-def load_train_set(data_config):
-  """The training split in memory; with data.unconditional, every label is 0 of 1 class."""
-  from hierdistill import data as data_lib  # pylint: disable=g-import-not-at-top
-  data_dir = data_dir_of(data_config)
-  try:
-    ds = data_lib.load_dataset(data_config.name, "train", data_dir=data_dir,
-                               seed=data_config.seed)
-  except (FileNotFoundError, PermissionError) as e:  # not built, not readable, not writable
-    reason = e.strerror or str(e).split(";")[0]
-    raise ConfigError(f"config.data.name={data_config.name!r} cannot be loaded from "
-                      f"config.data.data_dir={data_dir!r}: {reason}; point --config.data.data_dir "
-                      "to where it is, or to a writable directory.") from None
-  if data_config.unconditional:
-    ds = data_lib.ArrayDataset(ds.name, ds.x, np.zeros_like(ds.y), 1, ds.shape)
-  return ds
+  return Chain(config, workdir, **kwargs).run()
 
 
 def _make_writer(workdir: str):

@@ -4,11 +4,12 @@ Pure JAX, no Flax: models enter as callables. Time runs from t = 1 (noise) to t 
 uniform grid t_i = (1 - i / N) t_start + (i / N) t_end, i = 0..N (METHOD.md conventions).
 
     v_fn(z, t) -> v             instantaneous velocity, z: (B, ...), t: (B,)
-    v_fn(z, t, y) -> v          the same, class-conditional (teacher), y: (B,) int labels
+    v_fn(z, t, c) -> v          the same, conditional (teacher); c: labels (B,) or a text
+                                pytree, batch-leading (conditions.py)
     u_fn(z, r, t) -> u          mean velocity over [r, t] (MeanFlow student), r, t: (B,)
 
 The loops are `jax.lax.fori_loop`s with a Python-int trip count, so every sampler jits with
-`num_steps` (and `method`, `cfg_scale`, `cfg_interval`, `null_label`) static, e.g.
+`num_steps` (and `method`, `cfg_scale`, `cfg_interval`) static, e.g.
 `jax.jit(euler_sample, static_argnums=(0, 2))`, and lowers to a scan that reverse-mode
 differentiation can go through (a few-step student inside a loss).
 
@@ -20,7 +21,7 @@ per sample; see there for the CFG convention.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,7 @@ from hierdistill.paths import cfg_velocity
 
 Array = jax.Array
 VelocityFn = Callable[[Array, Array], Array]  # v_fn(z, t) -> v
-CondVelocityFn = Callable[[Array, Array, Array], Array]  # v_fn(z, t, y) -> v
+CondVelocityFn = Callable[[Array, Array, Any], Array]  # v_fn(z, t, c) -> v
 MeanVelocityFn = Callable[[Array, Array, Array], Array]  # u_fn(z, r, t) -> u
 
 # Velocity evaluations per step of each ODE method (before CFG doubles the passes).
@@ -136,31 +137,32 @@ def heun_sample(v_fn: VelocityFn, noise: Array, num_steps: int, *, t_start: floa
 _SOLVERS = {"euler": euler_sample, "heun": heun_sample}
 
 
-def sample_teacher(v_fn: CondVelocityFn, noise: Array, y: Array, *, num_steps: int,
+def sample_teacher(v_fn: CondVelocityFn, noise: Array, c: Any, *, num_steps: int,
                    method: str = "euler", cfg_scale: float = 1.0,
                    cfg_interval: Optional[Sequence[float]] = None,
-                   null_label: Optional[int] = None, t_start: float = 1.0,
+                   null: Any = None, t_start: float = 1.0,
                    t_end: float = 0.0, guided_channels: Optional[int] = None) -> Array:
-  """Samples a class-conditional flow teacher with classifier-free guidance.
+  """Samples a conditional flow teacher with classifier-free guidance.
 
-  Every velocity evaluation is `paths.cfg_velocity`: v_w = v(z, t | null) + w (v(z, t | y) -
+  Every velocity evaluation is `paths.cfg_velocity`: v_w = v(z, t | null) + w (v(z, t | c) -
   v(z, t | null)), with w = cfg_scale inside `cfg_interval` = (t_lo, t_hi) and 1 outside it
   (None: everywhere), on the first `guided_channels` channels (None: all; see cfg_velocity).
   With cfg_scale == 1 the unconditional pass is skipped.
 
-  v_fn(z, t, y) -> v; noise: (B, ...); y: (B,) labels; null_label: the label of the
-  unconditional model (num_classes by our convention), needed whenever cfg_scale != 1.
-  cfg_scale must be a concrete number (it decides whether the unconditional pass runs).
-  Returns x: (B, ...) float32. Network forward passes per sample: `teacher_nfe(num_steps,
-  method, cfg_scale)`.
+  v_fn(z, t, c) -> v; noise: (B, ...); c: the condition (labels (B,) or a text pytree);
+  null: the null condition shaped like c, or the null label as an int (num_classes by our
+  convention); needed whenever cfg_scale != 1. cfg_scale must be a concrete number (it decides
+  whether the unconditional pass runs). Returns x: (B, ...) float32. Network forward passes per
+  sample: `teacher_nfe(num_steps, method, cfg_scale)`.
   """
   solver = _SOLVERS[_check_method(method)]
-  if cfg_scale != 1.0 and null_label is None:
-    raise ValueError(f"cfg_scale={cfg_scale} needs the null_label of the unconditional model.")
+  if cfg_scale != 1.0 and null is None:
+    raise ValueError(f"cfg_scale={cfg_scale} needs the null condition of the unconditional "
+                     "model (null=).")
 
   def guided(z, t):
-    return cfg_velocity(v_fn, z, t, y, w=cfg_scale, null_label=null_label,
-                        interval=cfg_interval, guided_channels=guided_channels)
+    return cfg_velocity(v_fn, z, t, c, w=cfg_scale, null=null, interval=cfg_interval,
+                        guided_channels=guided_channels)
 
   return solver(guided, noise, num_steps, t_start=t_start, t_end=t_end)
 

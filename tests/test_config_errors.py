@@ -15,6 +15,7 @@ import pytest
 from experiments import digits
 from hierdistill import pipeline
 from hierdistill.config_checks import ConfigError
+from hierdistill.sources.embedded import load_train_set
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -38,7 +39,7 @@ class NullWriter:
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("tfds"))
-  pipeline.load_train_set(tiny_config(d).data)  # build the digits once, outside every check
+  load_train_set(tiny_config(d).data)  # build the digits once, outside every check
   return d
 
 

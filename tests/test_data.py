@@ -132,8 +132,8 @@ def test_pipeline_same_step_same_batch_across_instances():
   for step in [0, 5, 2, 5, 100]:  # Any order of access.
     b1, b2 = p1.batch(step), p2.batch(step)
     np.testing.assert_array_equal(b1["x"], b2["x"])
-    np.testing.assert_array_equal(b1["y"], b2["y"])
-    assert b1["x"].shape == (16, 3) and b1["y"].dtype == np.int32
+    np.testing.assert_array_equal(b1["c"], b2["c"])
+    assert b1["x"].shape == (16, 3) and b1["c"].dtype == np.int32
   other = data.InMemoryPipeline(x, y, global_batch_size=16, seed=4)
   assert not np.array_equal(other.batch(0)["x"], p1.batch(0)["x"])
 
@@ -148,7 +148,7 @@ def test_pipeline_process_slices_concatenate_to_global_batch():
     local = [p.batch(step) for p in parts]
     assert all(b["x"].shape == (4, 3) for b in local)
     np.testing.assert_array_equal(np.concatenate([b["x"] for b in local]), glob["x"])
-    np.testing.assert_array_equal(np.concatenate([b["y"] for b in local]), glob["y"])
+    np.testing.assert_array_equal(np.concatenate([b["c"] for b in local]), glob["c"])
 
 
 def test_pipeline_every_example_once_per_epoch_across_straddling_batches():
@@ -173,7 +173,7 @@ def test_pipeline_resume_gives_identical_batches():
   for step in range(13, 20):
     b = next(resumed)
     np.testing.assert_array_equal(b["x"], reference[step]["x"])
-    np.testing.assert_array_equal(b["y"], reference[step]["y"])
+    np.testing.assert_array_equal(b["c"], reference[step]["c"])
 
 
 def test_pipeline_batch_larger_than_data():

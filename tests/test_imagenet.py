@@ -71,7 +71,7 @@ def test_latent_pipeline_order_resume_and_processes(tmp_path):
   b = pipe.batch(5)
   idx = pipe.global_indices(5)
   np.testing.assert_allclose(b["x"], 0.5 * means[idx].astype(np.float32))
-  np.testing.assert_array_equal(b["y"], idx % 7)
+  np.testing.assert_array_equal(b["c"], idx % 7)
   # Two processes read the two halves of the same global batch, draws included.
   pipe = il.LatentPipeline(ds, 4, seed=3, scaling_factor=0.5, sampling="sample", flip=True)
   whole = pipe.batch(2)
@@ -170,17 +170,20 @@ def test_scorer_reference_against_itself():
                                 [0, 0, 128, 255, 255])
 
 
-def test_pipeline_builds_the_imagenet_chain_which_overrides_only_hooks():
-  """pipeline.run picks ImageNetChain for ImageNet latents; it swaps the data source, grids and
-  eval through Chain's hooks and leaves run/run_stage (resume, skipping, summary) to Chain."""
-  from hierdistill import imagenet_chain
-  from hierdistill import pipeline
-  assert pipeline.chain_class(imagenet256.get_config("runlocal")) is imagenet_chain.ImageNetChain
-  assert pipeline.chain_class(digits.get_config("tiny")) is pipeline.Chain
-  hooks = {"open_dataset", "make_pipeline", "save_grid", "run_eval"}
-  overridden = {k for k, v in vars(imagenet_chain.ImageNetChain).items()
-                if callable(v) and hasattr(pipeline.Chain, k)}
-  assert overridden == hooks
+def test_the_imagenet_source_is_registered_and_the_chain_names_no_source():
+  """The chain finds the ImageNet latents through the source registry; neither the chain nor
+  the eval driver knows a data source by name (a new source touches neither)."""
+  import inspect
+  from hierdistill import pipeline, sources
+  from hierdistill.evaluation import driver
+  from hierdistill.sources import embedded
+  from hierdistill.sources import imagenet as imagenet_source
+  assert sources.source_class(imagenet256.get_config("runlocal").data.name) is (
+      imagenet_source.ImageNetSource)
+  assert sources.source_class(digits.get_config("tiny").data.name) is embedded.DigitsSource
+  for module in (pipeline, driver):
+    text = inspect.getsource(module)
+    assert not [name for name in sources.NAMES if name in text], module.__name__
   assert pipeline.is_published_checkpoint("/m/SiT-XL-2-256x256.pt")
   assert pipeline.is_published_checkpoint("/m/tiny.safetensors")
   assert not pipeline.is_published_checkpoint("/run/teacher/checkpoints/4/export")

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+from hierdistill.sources.embedded import load_train_set
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -164,7 +165,7 @@ def test_launch_starts_two_processes_from_the_environment(tmp_path):
   data_dir = str(tmp_path / "tfds")
   config = digits.get_config("tiny")
   config.data.data_dir = data_dir
-  pipeline.load_train_set(config.data)  # built once here: two processes would race to write it
+  load_train_set(config.data)  # built once here: two processes would race to write it
   port = _free_port()
   workdir = str(tmp_path / "run")
   procs = []

@@ -149,7 +149,7 @@ def zty():
 def test_cfg_velocity_two_pass_formula(zty, w):
   z, t, y = zty
   model = CountingModel()
-  v = paths.cfg_velocity(model, z, t, y, w=w, null_label=NULL)
+  v = paths.cfg_velocity(model, z, t, y, w=w, null=NULL)
   ref = CountingModel()
   v_c, v_u = ref(z, t, y), ref(z, t, jnp.full_like(y, NULL))
   np.testing.assert_allclose(v, v_u + w * (v_c - v_u), rtol=1e-6, atol=1e-6)
@@ -163,7 +163,7 @@ def test_cfg_velocity_two_pass_formula(zty, w):
 def test_cfg_velocity_interval(zty):
   z, t, y = zty
   model = CountingModel()
-  v = paths.cfg_velocity(model, z, t, y, w=3.0, null_label=NULL, interval=(0.3, 0.7))
+  v = paths.cfg_velocity(model, z, t, y, w=3.0, null=NULL, interval=(0.3, 0.7))
   v_c, v_u = model(z, t, y), model(z, t, jnp.full_like(y, NULL))
   inside = np.asarray((t >= 0.3) & (t <= 0.7))[:, None]
   np.testing.assert_allclose(v, np.where(inside, v_u + 3.0 * (v_c - v_u), v_c), rtol=1e-6,
@@ -173,7 +173,7 @@ def test_cfg_velocity_interval(zty):
 def test_cfg_velocity_skips_unconditional_pass_at_w_1(zty):
   z, t, y = zty
   model = CountingModel()
-  v = paths.cfg_velocity(model, z, t, y, w=1.0, null_label=NULL)
+  v = paths.cfg_velocity(model, z, t, y, w=1.0, null=NULL)
   assert len(model.calls) == 1 and model.calls[0][0] == z.shape[0]
   assert not np.any(model.calls[0][1] == NULL)
   np.testing.assert_allclose(v, model(z, t, y), rtol=1e-6)
@@ -185,7 +185,7 @@ def test_cfg_velocity_jits_and_takes_images():
   t = jnp.array([0.1, 0.5, 0.9])
   y = jnp.array([1, 2, 3])
   model = lambda z_, t_, y_: z_ * (t_ + y_)[:, None, None, None]
-  fn = jax.jit(lambda z_, t_, y_: paths.cfg_velocity(model, z_, t_, y_, w=2.0, null_label=0,
+  fn = jax.jit(lambda z_, t_, y_: paths.cfg_velocity(model, z_, t_, y_, w=2.0, null=0,
                                                      interval=(0.0, 0.6)))
   v = fn(z, t, y)
   v_c, v_u = model(z, t, y), model(z, t, jnp.zeros_like(y))
@@ -199,8 +199,8 @@ def test_cfg_velocity_guides_only_the_first_channels_when_asked(zty):
   z, t, y = zty
   model = CountingModel()
   v_c, v_u = model(z, t, y), model(z, t, jnp.full_like(y, NULL))
-  full = paths.cfg_velocity(model, z, t, y, w=4.0, null_label=NULL)
-  three = paths.cfg_velocity(model, z, t, y, w=4.0, null_label=NULL, guided_channels=3)
+  full = paths.cfg_velocity(model, z, t, y, w=4.0, null=NULL)
+  three = paths.cfg_velocity(model, z, t, y, w=4.0, null=NULL, guided_channels=3)
   np.testing.assert_allclose(three[:, :3], full[:, :3], rtol=1e-6)
   np.testing.assert_allclose(three[:, 3], v_c[:, 3], rtol=1e-6)
   assert not np.allclose(full[:, 3], v_c[:, 3])  # the model's two passes differ there

@@ -1,5 +1,6 @@
 """The whole chain on a tiny config: every stage on 1 device and on a (4, 2) mesh of 8 fake CPU
-devices, the handoff between stages, rerunning a finished chain, and resuming a stage."""
+devices, the handoff between stages, rerunning a finished chain, and resuming a stage; each
+with both kinds of condition (class labels: digits, text: digits_text)."""
 import json
 import os
 import shutil
@@ -9,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import digits
+from experiments import digits, digits_text
+from hierdistill import conditions as cond_lib
 from hierdistill import pipeline
 from hierdistill.stages.distribution import DistributionStage
 from hierdistill.stages.trajectory import TrajectoryStage
@@ -34,8 +36,11 @@ class RecordingWriter:
     pass
 
 
-def tiny_config(data_dir, **mesh):
-  c = digits.get_config("tiny")
+EXPERIMENTS = {"digits": digits, "digits_text": digits_text}
+
+
+def tiny_config(data_dir, experiment="digits", **mesh):
+  c = EXPERIMENTS[experiment].get_config("tiny")
   c.data.data_dir = data_dir
   c.mesh.update(mesh)
   return c
@@ -46,25 +51,30 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
 
 
+@pytest.fixture(scope="module", params=tuple(EXPERIMENTS))
+def experiment(request):
+  return request.param
+
+
 @pytest.fixture(scope="module")
-def one_device_run(tmp_path_factory, data_dir):
-  workdir = str(tmp_path_factory.mktemp("one_device"))
+def one_device_run(tmp_path_factory, data_dir, experiment):
+  workdir = str(tmp_path_factory.mktemp(f"one_device_{experiment}"))
   writer = RecordingWriter()
-  config = tiny_config(data_dir, data=1, fsdp=1)
+  config = tiny_config(data_dir, experiment, data=1, fsdp=1)
   summary = pipeline.run(config, workdir, devices=jax.devices()[:1], writer=writer)
   return workdir, config, writer, summary
 
 
 @pytest.fixture(scope="module")
-def mesh_run(tmp_path_factory, data_dir, one_device_run):
+def mesh_run(tmp_path_factory, data_dir, experiment, one_device_run):
   """Each stage alone on the (4, 2) mesh, from the same upstream exports as the 1-device run."""
   ref_workdir = one_device_run[0]
   writer = RecordingWriter()
   for i, stage in enumerate(STAGES):
-    workdir = str(tmp_path_factory.mktemp(f"mesh_4x2_{stage}"))
+    workdir = str(tmp_path_factory.mktemp(f"mesh_4x2_{experiment}_{stage}"))
     for upstream in STAGES[:i]:
       shutil.copytree(os.path.join(ref_workdir, upstream), os.path.join(workdir, upstream))
-    config = tiny_config(data_dir, data=4, fsdp=2)
+    config = tiny_config(data_dir, experiment, data=4, fsdp=2)
     config.stages = (stage,)
     pipeline.run(config, workdir, writer=writer)
   return writer
@@ -117,12 +127,14 @@ def test_handoff_generator_starts_as_stage1_ema(one_device_run, data_dir):
   workdir, config, _, _ = one_device_run
   chain = pipeline.Chain(config, workdir, devices=jax.devices()[:1], writer=RecordingWriter())
   nets = chain.nets
-  stage1 = TrajectoryStage(config, nets.student, nets.teacher)
-  stage2 = DistributionStage(config, nets.student, nets.teacher, nets.discriminator)
-  e = jax.random.normal(jax.random.PRNGKey(3), (6,) + chain.dataset.shape)
-  y = jnp.arange(6) % 10
-  x0 = jnp.zeros((1,) + chain.dataset.shape)
-  state = stage2.init(jax.random.PRNGKey(0), x0, jnp.zeros((1,), jnp.int32),
+  stage1 = TrajectoryStage(config, nets.student, nets.teacher, nets.conditions)
+  stage2 = DistributionStage(config, nets.student, nets.teacher, nets.discriminator,
+                             nets.conditions)
+  e = jax.random.normal(jax.random.PRNGKey(3), (6,) + chain.source.shape)
+  y = jax.tree.map(jnp.asarray, chain.source.eval_conditions(6))
+  x0 = jnp.zeros((1,) + chain.source.shape)
+  state = stage2.init(jax.random.PRNGKey(0), x0,
+                      jax.tree.map(jnp.asarray, nets.conditions.example(1)),
                       chain.handoff("distribution"))
   stage1_ema = chain.load_export("trajectory")
   # The generator's weights are stage 1's final EMA weights, bit for bit ...
@@ -135,6 +147,28 @@ def test_handoff_generator_starts_as_stage1_ema(one_device_run, data_dir):
   np.testing.assert_allclose(np.asarray(g), np.asarray(sketch), rtol=1e-6, atol=1e-7)
   # The fake network starts as the teacher.
   jax.tree.map(np.testing.assert_array_equal, state.fake_params, chain.teacher_params)
+
+
+def test_the_text_model_reads_the_words(one_device_run, experiment):
+  """Text runs: swapping one word of the caption changes the one-step sample from the same
+  noise, and the eval scores caption agreement."""
+  if experiment != "digits_text":
+    pytest.skip("class labels have no words")
+  workdir, config, _, _ = one_device_run
+  chain = pipeline.Chain(config, workdir, devices=jax.devices()[:1], writer=RecordingWriter())
+  stage2 = DistributionStage(config, chain.nets.student, chain.nets.teacher,
+                             chain.nets.discriminator, chain.nets.conditions)
+  from hierdistill.data import digits_text as text_lib
+  bold, thin = (jax.tree.map(jnp.asarray, text_lib.encode([p] * 4))
+                for p in ("a bold, upright seven", "a thin, upright seven"))
+  e = jax.random.normal(jax.random.PRNGKey(5), (4,) + chain.source.shape)
+  params = chain.load_export("distribution")
+  g_bold, g_thin = stage2.generate(params, e, bold), stage2.generate(params, e, thin)
+  assert float(jnp.max(jnp.abs(g_bold - g_thin))) > 0.0  # exactly 0 if the words were ignored
+  with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+    metrics = json.load(f)
+  assert metrics["real_caption_agreement"] == 1.0  # the captions were measured from them
+  assert all(0 <= r["caption_agreement"] <= 1 for r in metrics["rows"])
 
 
 def test_rerunning_a_finished_chain_does_no_work(one_device_run):

@@ -28,6 +28,7 @@ from hierdistill import pipeline
 from hierdistill import sharding as shard_lib
 from hierdistill.stages import loop
 from hierdistill.stages.teacher import TeacherStage
+from hierdistill.sources.embedded import load_train_set
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("teacher", "trajectory", "distribution")
@@ -79,7 +80,7 @@ def jax_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("tfds"))
-  pipeline.load_train_set(_with_data_dir(d).data)  # build the digits once, up front
+  load_train_set(_with_data_dir(d).data)  # build the digits once, up front
   return d
 
 

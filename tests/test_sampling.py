@@ -185,7 +185,7 @@ def labels():
 @pytest.mark.parametrize("method", ["euler", "heun"])
 def test_sample_teacher_unguided_equals_plain_sampler(noise, labels, method):
   x = sampling.sample_teacher(cond_velocity, noise, labels, num_steps=8, method=method,
-                              null_label=NUM_CLASSES)
+                              null=NUM_CLASSES)
   solver = {"euler": sampling.euler_sample, "heun": sampling.heun_sample}[method]
   x_ref = solver(lambda z, t: cond_velocity(z, t, labels), noise, 8)
   np.testing.assert_allclose(x, x_ref, rtol=1e-6, atol=1e-6)
@@ -208,7 +208,7 @@ def test_sample_teacher_guided_equals_hand_built_field(noise, labels, interval):
     return v_u + _col(scale, z) * (v_c - v_u)
 
   x = sampling.sample_teacher(cond_velocity, noise, labels, num_steps=10, method="heun",
-                              cfg_scale=w, cfg_interval=interval, null_label=NUM_CLASSES)
+                              cfg_scale=w, cfg_interval=interval, null=NUM_CLASSES)
   np.testing.assert_allclose(x, sampling.heun_sample(guided, noise, 10), rtol=1e-5, atol=1e-5)
   unguided = sampling.sample_teacher(cond_velocity, noise, labels, num_steps=10, method="heun")
   assert float(jnp.max(jnp.abs(x - unguided))) > 1e-2  # guidance did something
@@ -226,7 +226,7 @@ def test_teacher_nfe_counts_forward_passes(noise, labels, method, cfg_scale):
 
   with jax.disable_jit():
     sampling.sample_teacher(v_fn, noise, labels, num_steps=5, method=method,
-                            cfg_scale=cfg_scale, cfg_interval=(0.0, 0.5), null_label=NUM_CLASSES)
+                            cfg_scale=cfg_scale, cfg_interval=(0.0, 0.5), null=NUM_CLASSES)
   assert sum(rows) // B == sampling.teacher_nfe(5, method, cfg_scale)
 
 
@@ -253,7 +253,7 @@ def test_errors(noise, labels):
         call(bad)
   with pytest.raises(ValueError, match="num_steps"):
     sampling.euler_sample(gaussian_velocity, noise, 2.5)
-  with pytest.raises(ValueError, match="null_label"):
+  with pytest.raises(ValueError, match="null condition"):
     sampling.sample_teacher(cond_velocity, noise, labels, num_steps=4, cfg_scale=2.0)
 
 
@@ -262,11 +262,11 @@ def test_jit_and_dtypes(noise, labels):
   np.testing.assert_allclose(euler(gaussian_velocity, noise, 8),
                              sampling.euler_sample(gaussian_velocity, noise, 8), atol=1e-6)
   teacher = jax.jit(lambda e, y: sampling.sample_teacher(
-      cond_velocity, e, y, num_steps=6, method="heun", cfg_scale=2.0, null_label=NUM_CLASSES))
+      cond_velocity, e, y, num_steps=6, method="heun", cfg_scale=2.0, null=NUM_CLASSES))
   np.testing.assert_allclose(
       teacher(noise, labels),
       sampling.sample_teacher(cond_velocity, noise, labels, num_steps=6, method="heun",
-                              cfg_scale=2.0, null_label=NUM_CLASSES), atol=1e-5)
+                              cfg_scale=2.0, null=NUM_CLASSES), atol=1e-5)
   # bfloat16 noise and a bfloat16 model: the state is still integrated in float32.
   bf16_model = lambda z, t: gaussian_velocity(z, t).astype(jnp.bfloat16)
   x = sampling.heun_sample(bf16_model, noise.astype(jnp.bfloat16), 16)

@@ -52,7 +52,7 @@ def abstract_batch(config, stage):
   rows = getattr(stage, "examples_per_row", 1)
   lead = (config.teacher.batch_size,) + ((rows,) if rows > 1 else ())
   return {"x": jax.ShapeDtypeStruct(lead + SHAPE, jnp.float32),
-          "y": jax.ShapeDtypeStruct(lead, jnp.int32)}
+          "c": jax.ShapeDtypeStruct(lead, jnp.int32)}
 
 
 def flat(tree):
@@ -118,12 +118,12 @@ def test_replicate_rule_wins_over_a_later_fsdp_rule():
 def test_batch_is_split_over_both_mesh_axes():
   mesh = sharding.make_mesh(4, 2, devices=jax.devices()[:8])
   local = {"x": np.arange(16 * 2, dtype=np.float32).reshape(16, 2),
-           "y": np.arange(16, dtype=np.int32)}
+           "c": np.arange(16, dtype=np.int32)}
   batch = sharding.put_batch(local, mesh)
   assert batch["x"].sharding.spec == P(("data", "fsdp"))
   rows = sorted(int(s.data[0, 0]) // 2 for s in batch["x"].addressable_shards)
   assert rows == list(range(0, 16, 2))  # 8 devices, 2 rows each, every row once
-  np.testing.assert_array_equal(np.asarray(batch["y"]), local["y"])
+  np.testing.assert_array_equal(np.asarray(batch["c"]), local["c"])
   with pytest.raises(ValueError, match="divisible"):
     sharding.check_batch_size(12, mesh, "config.teacher.batch_size")
 
@@ -266,7 +266,7 @@ def test_train_step_compiles_once(name):
   spec = abstract_batch(config, stage)
   rng = np.random.default_rng(0)
   batches = [{"x": rng.normal(size=spec["x"].shape).astype(np.float32),
-              "y": rng.integers(0, 10, size=spec["y"].shape).astype(np.int32)}
+              "c": rng.integers(0, 10, size=spec["c"].shape).astype(np.int32)}
              for _ in range(3)]
   state, metrics = step(state, frozen, sharding.put_batch(batches[0], mesh))
   jax.block_until_ready(metrics)
@@ -390,7 +390,7 @@ def test_fsdp_train_step_gathers_no_activations():
                                               jnp.zeros((1,), jnp.int32)),
                          jax.random.PRNGKey(0))
   batch = {"x": jax.ShapeDtypeStruct((64,) + shape, jnp.float32),
-           "y": jax.ShapeDtypeStruct((64,), jnp.int32)}
+           "c": jax.ShapeDtypeStruct((64,), jnp.int32)}
   shardings = sharding.state_shardings(state, mesh, c.sharding_rules)
   step = jax.jit(
       stage.train_step,
@@ -420,7 +420,7 @@ def test_cfg_pairs_rows_without_moving_the_batch(pairing):
 
   def guided(z, t, y):
     if pairing == "interleaved":
-      return paths.cfg_velocity(model, z, t, y, w=2.0, null_label=10)
+      return paths.cfg_velocity(model, z, t, y, w=2.0, null=10)
     v_both = model(jnp.concatenate([z, z]), jnp.concatenate([t, t]),
                    jnp.concatenate([y, jnp.full_like(y, 10)]))
     return paths.guided_velocity(v_both[:b], v_both[b:], 2.0)

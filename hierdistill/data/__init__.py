@@ -8,7 +8,7 @@ in [0, num_classes).
     pipe = data.InMemoryPipeline(ds.x, ds.y, global_batch_size=64, seed=0,
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count())
-    batch = pipe.batch(step)  # dict(x=..., y=...), this process's rows
+    batch = pipe.batch(step)  # dict(x=..., c=...), this process's rows
 
 tensorflow_datasets is imported only when the digits are asked for.
 """
@@ -21,9 +21,9 @@ import numpy as np
 from hierdistill.data import toy2d
 from hierdistill.data.pipeline import InMemoryPipeline
 
-# imagenet256_latents is read from its shards (data/imagenet_latents.py), never into memory.
-IMAGENET_LATENTS = "imagenet256_latents"
-DATASETS = ("digits8x8",) + toy2d.NAMES + (IMAGENET_LATENTS,)
+# The sets load_dataset holds in memory (imagenet256_latents is read from its shards by
+# data/imagenet_latents.py; sources/ lists every data source a run can name).
+DATASETS = ("digits8x8",) + toy2d.NAMES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +64,6 @@ def load_dataset(name: str, split: str = "train", data_dir: str | None = None,
       raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     x, y = toy2d.load_toy2d(name, seed=seed if split == "train" else seed + 1)
     return ArrayDataset(name, x, y, toy2d.num_classes(name), (2,))
-  if name == IMAGENET_LATENTS:
-    raise ValueError(f"{name} is not loaded into memory: open it with "
-                     "data.imagenet_latents.open_latents(config.data.latents_dir)")
   raise ValueError(f"unknown data set {name!r}; choose one of {DATASETS}")
 
 

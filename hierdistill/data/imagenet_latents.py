@@ -11,7 +11,7 @@ than one draw keeps DiT/SiT's training exactly: they draw a fresh latent mean + 
 an image is seen, and flip images at random.
 
 The training input (`LatentPipeline`) has the interface of data.InMemoryPipeline: batch(step)
--> {'x': (B / P, h, w, 4) float32 latents * scaling_factor, 'y': int32}. The order of examples
+-> {'x': (B / P, h, w, 4) float32 latents * scaling_factor, 'c': int32 labels}. The order of examples
 is InMemoryPipeline's (epoch permutations of all N records from the seed), so the iterator
 state is the step and a resumed run reads the batches an uninterrupted one would have. Each
 process reads only its rows of each global batch, by random access into the shards (a record is
@@ -204,7 +204,7 @@ class LatentPipeline:
         mean = mean + np.asarray(rec[pre + "std"], np.float32) * e
       xs.append(mean)
       ys.append(rec["label"])
-    return {"x": self.scaling_factor * np.stack(xs), "y": np.asarray(ys, np.int32)}
+    return {"x": self.scaling_factor * np.stack(xs), "c": np.asarray(ys, np.int32)}
 
   def __iter__(self):
     return self.iterate(0)

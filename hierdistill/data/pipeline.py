@@ -18,29 +18,36 @@ import numpy as np
 
 
 class InMemoryPipeline:
-  """Batches of (x, y) by step, from arrays held in host memory.
+  """Batches of (x, c) by step, from arrays held in host memory.
 
   Args:
     images: (N, ...) array, e.g. float32 (N, H, W, C) in [-1, 1] or (N, 2) points.
-    labels: (N,) int array.
+    conditions: the condition of each example: (N,) int labels, or a dict of (N, ...) arrays
+      (text: embeddings and mask; conditions.py).
     global_batch_size: B, the batch over all processes.
     seed: fixes the order of every epoch.
     process_index, process_count: this process among the data-loading processes
       (jax.process_index(), jax.process_count()). B must be divisible by process_count.
   """
 
-  def __init__(self, images, labels, global_batch_size: int, seed: int,
+  def __init__(self, images, conditions, global_batch_size: int, seed: int,
                process_index: int = 0, process_count: int = 1):
-    images, labels = np.asarray(images), np.asarray(labels)
-    if len(images) != len(labels) or len(images) == 0:
-      raise ValueError(f"need as many labels as images, and some: {len(images)} images, "
-                       f"{len(labels)} labels")
+    images = np.asarray(images)
+    if isinstance(conditions, dict):
+      conditions = {k: np.asarray(v) for k, v in conditions.items()}
+      counts = {len(v) for v in conditions.values()}
+    else:
+      conditions = np.asarray(conditions).astype(np.int32)
+      counts = {len(conditions)}
+    if counts != {len(images)} or len(images) == 0:
+      raise ValueError(f"need a condition for each image, and some: {len(images)} images, "
+                       f"{sorted(counts)} conditions")
     if global_batch_size <= 0 or global_batch_size % process_count:
       raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of "
                        f"process_count {process_count}")
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    self.images, self.labels = images, labels.astype(np.int32)
+    self.images, self.conditions = images, conditions
     self.global_batch_size = global_batch_size
     self.local_batch_size = global_batch_size // process_count
     self.seed = seed
@@ -78,10 +85,14 @@ class InMemoryPipeline:
     start = self.process_index * self.local_batch_size
     return self.global_indices(step)[start:start + self.local_batch_size]
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
-    """The process-local batch at `step`: dict(x=(B / P, ...), y=int32 (B / P,))."""
+  def batch(self, step: int) -> dict:
+    """The process-local batch at `step`: dict(x=(B / P, ...), c=the rows' conditions)."""
     idx = self.local_indices(step)
-    return {"x": self.images[idx], "y": self.labels[idx]}
+    if isinstance(self.conditions, dict):
+      c = {k: v[idx] for k, v in self.conditions.items()}
+    else:
+      c = self.conditions[idx]
+    return {"x": self.images[idx], "c": c}
 
   def __iter__(self):
     return self.iterate(0)

@@ -12,7 +12,7 @@ import math
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 # Named colours for scatter plots (RGB).
 COLORS = {
@@ -114,3 +114,34 @@ def scatter_png(points_list, colors, path: str, **kwargs) -> np.ndarray:
   image = scatter_image(points_list, colors, **kwargs)
   _save_png(image, path)
   return image
+
+
+def save_captioned_grid(images, captions, path: str, columns: int) -> np.ndarray:
+  """Images in [-1, 1] (NHWC) in rows of `columns`, each row's caption printed under it.
+
+  captions: one string per row. Pillow's built-in bitmap font, so no font file is needed.
+  Returns the RGB uint8 array written.
+  """
+  images = np.asarray(images)
+  rows = int(math.ceil(len(images) / columns))
+  if len(captions) < rows:
+    raise ValueError(f"{rows} rows of {columns} images need {rows} captions; got "
+                     f"{len(captions)}.")
+  font = ImageFont.load_default()
+  line = 14  # pixels of caption under each row
+  tiles = [image_grid(images[r * columns:(r + 1) * columns], nrow=columns)
+           for r in range(rows)]
+  width = max([t.shape[1] for t in tiles] +
+              [int(font.getlength(text)) + 8 for text in captions[:rows]])
+  canvas = Image.new("RGB", (width, sum(t.shape[0] + line for t in tiles)), "white")
+  draw = ImageDraw.Draw(canvas)
+  y = 0
+  for tile, text in zip(tiles, captions):
+    rgb = tile if tile.shape[-1] == 3 else np.repeat(tile[..., :1], 3, axis=-1)
+    canvas.paste(Image.fromarray(rgb), (0, y))
+    y += tile.shape[0]
+    draw.text((4, y + 1), text, fill="black", font=font)
+    y += line
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  canvas.save(path)
+  return np.asarray(canvas)

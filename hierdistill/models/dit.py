@@ -12,13 +12,21 @@ parameter at a time (param tree below); only the data layout differs (NHWC here)
   t_embedder/{mlp_0, mlp_2}/{kernel, bias}            time embedder
   interval_embedder/{mlp_0, mlp_2}/{kernel, bias}     students only; mlp_2 zero at init
   y_embedder/embedding_table/embedding (K + 1, D)     labels, row K = null label
+  caption_projection/{linear_1, linear_2}             text models only (in place of y_embedder)
   blocks_{i}/adaLN_modulation/{kernel (D, 6D), bias}  order: shift, scale, gate (attn), same (mlp)
   blocks_{i}/attn/{qkv (D, 3D), proj (D, D)}/{kernel, bias}
+  blocks_{i}/cross_attn/{q_linear, kv_linear, proj}   text models only (PixArt's names)
   blocks_{i}/mlp/{fc1, fc2}/{kernel, bias}
   final_layer/adaLN_modulation/{kernel (D, 2D), bias}  order: shift, scale
   final_layer/linear/{kernel (D, p*p*C_out), bias}    output channels ordered (p, q, c)
 
 The position embedding is a fixed 2-D sin-cos table (not a param), as in DiT.
+
+Text conditioning (caption_channels > 0) follows PixArt-alpha and SANA: the caption tokens are
+projected to the width D (Dense, GELU(tanh), Dense) and every block reads them by
+cross-attention between its self-attention and its MLP, on the residual stream itself, padded
+tokens masked; adaLN is then modulated by the time (and interval) alone. A label model has
+none of these params, so published DiT/SiT trees are unchanged.
 """
 from __future__ import annotations
 
@@ -148,6 +156,40 @@ class Attention(nn.Module):
                  param_dtype=self.param_dtype, name="proj")(out)
 
 
+class CrossAttention(nn.Module):
+  """Multi-head attention from the image tokens to the condition tokens, padded ones masked.
+
+  Softmax in float32 over plain XLA ops (JVP-safe, as Attention's 'einsum' path). Its output
+  projection starts at zero (as PixArt's), so a new text block adds nothing until it learns to.
+  """
+  hidden_size: int
+  num_heads: int
+  dtype: Optional[Dtype] = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, tokens: Array, mask: Array) -> Array:
+    """x: (B, N, D) queries; tokens: (B, L, D) keys and values; mask: (B, L), nonzero = real.
+    Returns (B, N, D) in the compute dtype."""
+    b, n, d = x.shape
+    h = self.num_heads
+    head_dim = d // h
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    q = Dense(d, kernel_init=_XAVIER, bias_init=_ZEROS, name="q_linear", **kw)(x)
+    kv = Dense(2 * d, kernel_init=_XAVIER, bias_init=_ZEROS, name="kv_linear", **kw)(tokens)
+    q = q.reshape(b, n, h, head_dim)
+    kv = kv.reshape(b, tokens.shape[1], 2, h, head_dim)
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
+                        preferred_element_type=accumulation_dtype(q.dtype)) * head_dim ** -0.5
+    # A large finite negative rather than -inf: a row with no real token stays finite (it is
+    # never asked for: every encoder here keeps a BOS token), and the JVP has no inf - inf.
+    logits = jnp.where(mask[:, None, None, :] != 0, logits, jnp.asarray(-1e9, logits.dtype))
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, n, d)
+    return Dense(d, kernel_init=_ZEROS, bias_init=_ZEROS, name="proj", **kw)(out)
+
+
 class FeedForward(nn.Module):
   """Dense -> GELU(tanh) -> Dense, DiT's Mlp (params fc1, fc2)."""
   hidden_size: int
@@ -172,14 +214,17 @@ class DiTBlock(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   attention: str = "einsum"
+  cross_num_heads: int = 0  # > 0: cross-attention to the condition tokens (text models)
   dtype: Optional[Dtype] = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, c: Array) -> Array:
-    """x: (B, N, D) residual stream (float32); c: (B, D) conditioning. Returns x's dtype."""
+  def __call__(self, x: Array, emb: Array, tokens: Optional[Array] = None,
+               mask: Optional[Array] = None) -> Array:
+    """x: (B, N, D) residual stream (float32); emb: (B, D) adaLN conditioning; tokens, mask:
+    (B, L, D) and (B, L) condition tokens of a text model. Returns x's dtype."""
     mod = Dense(6 * self.hidden_size, kernel_init=_ZEROS, bias_init=_ZEROS, dtype=self.dtype,
-                param_dtype=self.param_dtype, name="adaLN_modulation")(nn.silu(c))
+                param_dtype=self.param_dtype, name="adaLN_modulation")(nn.silu(emb))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(
         mod[:, None, :], 6, axis=-1)
     h = _modulate(_layer_norm(self.dtype)(x), shift_msa, scale_msa)
@@ -188,6 +233,10 @@ class DiTBlock(nn.Module):
     # The residual stream stays float32: a bf16 stream would round every one of the 2 * depth
     # additions; the matmuls, where the time goes, still run in the compute dtype.
     x = x + (gate_msa * h).astype(x.dtype)
+    if self.cross_num_heads:
+      x = x + CrossAttention(self.hidden_size, self.cross_num_heads, dtype=self.dtype,
+                             param_dtype=self.param_dtype, name="cross_attn")(
+                                 x.astype(tokens.dtype), tokens, mask).astype(x.dtype)
     h = _modulate(_layer_norm(self.dtype)(x), shift_mlp, scale_mlp)
     h = FeedForward(self.hidden_size, self.mlp_ratio, dtype=self.dtype,
                     param_dtype=self.param_dtype, name="mlp")(h)
@@ -203,10 +252,10 @@ class FinalLayer(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, c: Array) -> Array:
-    """x: (B, N, D), c: (B, D). Returns (B, N, p * p * C_out) in the compute dtype."""
+  def __call__(self, x: Array, emb: Array) -> Array:
+    """x: (B, N, D), emb: (B, D). Returns (B, N, p * p * C_out) in the compute dtype."""
     mod = Dense(2 * self.hidden_size, kernel_init=_ZEROS, bias_init=_ZEROS, dtype=self.dtype,
-                param_dtype=self.param_dtype, name="adaLN_modulation")(nn.silu(c))
+                param_dtype=self.param_dtype, name="adaLN_modulation")(nn.silu(emb))
     shift, scale = jnp.split(mod[:, None, :], 2, axis=-1)
     x = _modulate(_layer_norm(self.dtype)(x), shift, scale)
     return Dense(self.patch_size ** 2 * self.out_channels, kernel_init=_ZEROS,
@@ -215,13 +264,17 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-  """DiT/SiT velocity network u(z, r, t | y) on NHWC latents.
+  """DiT/SiT velocity network u(z, r, t | c) on NHWC latents, c class labels or text.
 
   Fields:
     input_size: H = W of the input.           in_channels: C of the input.
     patch_size, hidden_size (D), depth, num_heads, mlp_ratio: the transformer (see dit_config).
     num_classes: K; labels are in [0, K) and K is the null label (the table has K + 1 rows).
-    class_dropout_prob: label dropout to the null label when train=True (for CFG).
+    class_dropout_prob: label dropout to the null label when train=True (for CFG). Text models
+      do not drop: the stage drops captions to the empty prompt (conditions.py).
+    caption_channels: 0 for a class-conditional model; > 0 makes a text model reading
+      condition tokens of this width by cross-attention (no label table).
+    cross_num_heads: heads of the cross-attention (None: num_heads).
     out_channels: channels of the final layer; None -> in_channels. DiT/SiT checkpoints use
       2 * in_channels ("learn_sigma"); the call then returns only the first in_channels, the
       prediction.
@@ -244,6 +297,8 @@ class DiT(nn.Module):
   mlp_ratio: float = 4.0
   num_classes: int = 1000
   class_dropout_prob: float = 0.1
+  caption_channels: int = 0
+  cross_num_heads: Optional[int] = None
   out_channels: Optional[int] = None
   interval_conditioning: bool = False
   feature_layers: Optional[Tuple[int, ...]] = None
@@ -304,39 +359,56 @@ class DiT(nn.Module):
       raise ValueError(f"DiT expects z of shape (B, {expected[0]}, {expected[1]}, "
                        f"{expected[2]}) (NHWC); got {z.shape}.")
 
-  def conditioning(self, r: Optional[Array], t: Array, y: Optional[Array], train: bool) -> Array:
-    """c = t_emb(t) + y_emb(y) [+ h_emb(t - r)]: (B, D) float32. Call from __call__ only (its
-    submodules attach to the compact scope)."""
+  @property
+  def is_text(self) -> bool:
+    return self.caption_channels > 0
+
+  def conditioning(self, r: Optional[Array], t: Array, c: Any, train: bool
+                   ) -> Tuple[Array, Optional[Array], Optional[Array]]:
+    """(emb, tokens, mask): emb = t_emb(t) [+ y_emb(y)] [+ h_emb(t - r)], (B, D) float32, the
+    adaLN input; for a text model the projected condition tokens (B, L, D) and their mask.
+    Call from __call__ only (its submodules attach to the compact scope)."""
     batch = t.shape[0]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    c = TimestepEmbedder(self.hidden_size, self.frequency_size, name="t_embedder", **kw)(
+    emb = TimestepEmbedder(self.hidden_size, self.frequency_size, name="t_embedder", **kw)(
         self.time_embedding_input(t))
-    c = c + LabelEmbedder(self.num_classes, self.hidden_size, self.class_dropout_prob,
-                          name="y_embedder", **kw)(y, batch, train)
+    tokens = mask = None
+    if self.is_text:
+      if not isinstance(c, dict) or set(c) != {"embeddings", "mask"}:
+        raise ValueError("A text DiT (caption_channels > 0) reads c = {'embeddings': (B, L, "
+                         f"{self.caption_channels}), 'mask': (B, L)}}; got {_describe(c)}.")
+      tokens = CaptionProjection(self.hidden_size, **kw, name="caption_projection")(
+          c["embeddings"])
+      tokens = sharding.constrain_batch(tokens.astype(accumulation_dtype(self.dtype)))
+      mask = c["mask"]
+    else:
+      emb = emb + LabelEmbedder(self.num_classes, self.hidden_size, self.class_dropout_prob,
+                                name="y_embedder", **kw)(c, batch, train)
     if self.interval_conditioning:
-      # Zero output at init: the student's c is then exactly the teacher's, for every r.
-      c = c + TimestepEmbedder(self.hidden_size, self.frequency_size, zero_init_output=True,
-                               name="interval_embedder", **kw)(
-                                   self.interval_scale * interval_of(r, t))
-    return sharding.constrain_batch(c)
+      # Zero output at init: the student's emb is then exactly the teacher's, for every r.
+      emb = emb + TimestepEmbedder(self.hidden_size, self.frequency_size, zero_init_output=True,
+                                   name="interval_embedder", **kw)(
+                                       self.interval_scale * interval_of(r, t))
+    return sharding.constrain_batch(emb), tokens, mask
 
   @nn.compact
-  def __call__(self, z: Array, r: Optional[Array], t: Array, y: Optional[Array], *,
+  def __call__(self, z: Array, r: Optional[Array], t: Array, c: Any, *,
                train: bool = False, return_features: bool = False
                ) -> Union[Array, Tuple[Array, List[Array]]]:
     """Mean velocity over [r, t] (with r = t, or r = None: the instantaneous velocity).
 
     z: (B, H, W, C) NHWC; r, t: (B,) floats in [0, 1] (r = None means r = t; r is ignored when
-    interval_conditioning=False: a teacher is a velocity model); y: (B,) int labels,
-    num_classes = null (None = all null). train=True enables label dropout (needs a 'dropout'
-    rng). Returns the velocity (B, H, W, C) float32, or (velocity, features) with features a list
+    interval_conditioning=False: a teacher is a velocity model); c: the condition: (B,) int
+    labels, num_classes = null (None = all null), or for a text model {'embeddings': (B, L,
+    caption_channels), 'mask': (B, L)} (conditions.py). train=True enables label dropout (needs
+    a 'dropout' rng). Returns the velocity (B, H, W, C) float32, or (velocity, features) with features a list
     of (B, N, D) float32 block outputs, one per entry of feature_layers, N = (H / p)^2. (float32
     whatever the compute dtype; float64 only for a model with dtype=float64 under x64.)
     """
     self._check(z)
     t = jnp.broadcast_to(to_float(t), (z.shape[0],))
     acc = accumulation_dtype(self.dtype)  # float32 (float64 for a float64 model)
-    c = self.conditioning(r, t, y, train)
+    emb, tokens, mask = self.conditioning(r, t, c, train)
     p, g, d = self.patch_size, self.grid_size, self.hidden_size
 
     x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", kernel_init=_PATCH_INIT,
@@ -350,17 +422,42 @@ class DiT(nn.Module):
     wanted = self.resolved_feature_layers() if return_features else ()
     outputs = []  # every block output is computed anyway; keeping references costs nothing
     for i in range(self.depth):
-      x = block_cls(d, self.num_heads, self.mlp_ratio, self.attention, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name=f"blocks_{i}")(x, c)
+      x = block_cls(d, self.num_heads, self.mlp_ratio, self.attention,
+                    (self.cross_num_heads or self.num_heads) if self.is_text else 0,
+                    dtype=self.dtype, param_dtype=self.param_dtype, name=f"blocks_{i}")(
+                        x, emb, tokens, mask)
       outputs.append(x)
 
     c_out = self.resolved_out_channels
     out = FinalLayer(d, p, c_out, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="final_layer")(x, c)
+                     name="final_layer")(x, emb)
     velocity = unpatchify(out, p, c_out)[..., :self.in_channels].astype(acc)
     if not return_features:
       return velocity
     return velocity, [outputs[i] for i in wanted]
+
+
+class CaptionProjection(nn.Module):
+  """Condition tokens to the model width: Dense -> GELU(tanh) -> Dense (PixArt's y_embedder,
+  SANA's caption_projection; params linear_1, linear_2)."""
+  hidden_size: int
+  dtype: Optional[Dtype] = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: Array) -> Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = Dense(self.hidden_size, kernel_init=_XAVIER, bias_init=_ZEROS, name="linear_1", **kw)(
+        tokens)
+    h = nn.gelu(h, approximate=True)
+    return Dense(self.hidden_size, kernel_init=_XAVIER, bias_init=_ZEROS, name="linear_2",
+                 **kw)(h)
+
+
+def _describe(c: Any) -> str:
+  if isinstance(c, dict):
+    return "a dict with keys " + ", ".join(sorted(map(str, c)))
+  return f"{type(c).__name__} of shape {getattr(c, 'shape', '?')}"
 
 
 def unpatchify(x: Array, patch_size: int, channels: int) -> Array:

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from hierdistill import sampling
+
 Array = jax.Array
 
 
@@ -116,11 +118,20 @@ def time_bucket_means(values: Array, t: Array, name: str, num_buckets: int = 4) 
   return out
 
 
-def apply_model(model, params, z, r, t, y, **kwargs) -> Array:
-  """model.apply with the (z, r, t, y) interface of every network here."""
-  return model.apply({"params": params}, z, r, t, y, **kwargs)
+def apply_model(model, params, z, r, t, c, **kwargs) -> Array:
+  """model.apply with the (z, r, t, c) interface of every network here."""
+  return model.apply({"params": params}, z, r, t, c, **kwargs)
 
 
-def velocity_fn(model, params) -> Callable[[Array, Array, Array], Array]:
-  """v(z, t, y) of a flow model (teacher or fake network): r = t."""
-  return lambda z, t, y: apply_model(model, params, z, None, t, y)
+def velocity_fn(model, params) -> Callable[[Array, Array, Any], Array]:
+  """v(z, t, c) of a flow model (teacher or fake network): r = t."""
+  return lambda z, t, c: apply_model(model, params, z, None, t, c)
+
+
+def sample_teacher(config, model, conditions, params, noise, c, *, num_steps: int) -> Array:
+  """The teacher's ODE with config.sample's solver and guidance against the null condition."""
+  s = config.sample
+  return sampling.sample_teacher(
+      velocity_fn(model, params), noise, c, num_steps=num_steps, method=s.teacher_method,
+      cfg_scale=s.cfg_scale, cfg_interval=s.get("cfg_interval"),
+      guided_channels=s.get("guided_channels"), null=conditions.null_like(c))

@@ -1,7 +1,7 @@
 """Stage 2: distribution matching (DMD) plus the Adaptive Weighted Discriminator (AWD).
 
-Networks: the generator G(e | y) = e - u_theta(e, 0, 1 | y), from stage 1's EMA weights; the fake
-velocity network v_phi(z, t | y), from the teacher, trained online by flow matching on sg(G)
+Networks: the generator G(e | c) = e - u_theta(e, 0, 1 | c), from stage 1's EMA weights; the fake
+velocity network v_phi(z, t | c), from the teacher, trained online by flow matching on sg(G)
 samples; a discriminator head over token features of v_phi (DMD2) or of the frozen teacher
 (FastGen), config `discriminator.features`; the frozen teacher with CFG as the "real score".
 
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from hierdistill import conditions as cond_lib
 from hierdistill import losses, paths
 from hierdistill.models import token_weight_entropy
 from hierdistill.stages import common
@@ -46,11 +47,12 @@ class DistributionStage:
   stage_id = 2  # salts the stage\'s rng and data order
   frozen_inputs = ("teacher",)
 
-  def __init__(self, config, student, teacher, discriminator):
+  def __init__(self, config, student, teacher, discriminator, conditions=None):
     self.config = config
     self.cfg = config.distribution
     self.student = student
     self.teacher = teacher
+    self.conditions = conditions or cond_lib.Labels(config.model.num_classes)
     self.fake = teacher  # same architecture; its own parameters
     self.discriminator = discriminator
     self.k = int(self.cfg.update_ratio)
@@ -61,30 +63,30 @@ class DistributionStage:
     self.disc_optimizer = common.make_optimizer(self.cfg.disc_optimizer)
     self.adversarial = self.cfg.gen_adv_weight > 0 or self.cfg.disc_weight > 0
     # The optional stage-1 regulariser reuses stage 1's loss as it is.
-    self.trajectory = TrajectoryStage(config, student, teacher)
+    self.trajectory = TrajectoryStage(config, student, teacher, conditions)
 
   # -- networks -------------------------------------------------------------------------------
-  def generate(self, params, noise, y):
-    """G(e | y) = e - u_theta(e, 0, 1 | y)."""
+  def generate(self, params, noise, c):
+    """G(e | c) = e - u_theta(e, 0, 1 | c)."""
     b = noise.shape[0]
-    u = common.apply_model(self.student, params, noise, jnp.zeros((b,)), jnp.ones((b,)), y)
+    u = common.apply_model(self.student, params, noise, jnp.zeros((b,)), jnp.ones((b,)), c)
     return noise.astype(jnp.float32) - u.astype(jnp.float32)
 
-  def discriminate(self, fake_params, teacher_params, disc_params, z, t, y):
+  def discriminate(self, fake_params, teacher_params, disc_params, z, t, c):
     """(logits, token_weights) of the head over token features of the configured network."""
     feature_params = fake_params if self.cfg.discriminator.features == "fake" else teacher_params
-    _, feats = common.apply_model(self.fake, feature_params, z, None, t, y, return_features=True)
+    _, feats = common.apply_model(self.fake, feature_params, z, None, t, c, return_features=True)
     return self.discriminator.apply({"params": disc_params}, feats)
 
   # -- state ----------------------------------------------------------------------------------
-  def init(self, rng, example_x, example_y, init_inputs):
+  def init(self, rng, example_x, example_c, init_inputs):
     """init_inputs: 'generator' (stage-1 EMA params) and 'teacher' (fake network's start)."""
     k_disc, k_train = jax.random.split(rng)
     b = example_x.shape[0]
     params = init_inputs["generator"]
     fake_params = init_inputs["teacher"]
     _, feats = common.apply_model(self.fake, fake_params, example_x, None, jnp.ones((b,)),
-                                  example_y, return_features=True)
+                                  example_c, return_features=True)
     disc_params = self.discriminator.init(k_disc, feats)["params"]
     return DistributionState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params),
@@ -93,13 +95,13 @@ class DistributionStage:
         disc_params=disc_params, disc_opt_state=self.disc_optimizer.init(disc_params))
 
   # -- losses ---------------------------------------------------------------------------------
-  def critic_loss(self, critic_params, gen_params, teacher_params, x, y, key):
+  def critic_loss(self, critic_params, gen_params, teacher_params, x, c, key):
     """Flow matching of v_phi on sg(G) samples, plus the discriminator's loss on real vs G."""
     fake_params, disc_params = critic_params
     k_e, k_t, k_fm, k_td, k_dr, k_df = jax.random.split(key, 6)
-    g = jax.lax.stop_gradient(self.generate(gen_params, jax.random.normal(k_e, x.shape), y))
+    g = jax.lax.stop_gradient(self.generate(gen_params, jax.random.normal(k_e, x.shape), c))
     t = paths.sample_t(k_t, x.shape[0], mu=self.cfg.fake_t_mu, sigma=self.cfg.fake_t_sigma)
-    v_phi = lambda z, t_: common.apply_model(self.fake, fake_params, z, None, t_, y)
+    v_phi = lambda z, t_: common.apply_model(self.fake, fake_params, z, None, t_, c)
     fm_loss, metrics = losses.flow_matching_loss(v_phi, g, jax.random.normal(k_fm, x.shape), t)
     metrics = {"fake_" + k: v for k, v in metrics.items()}
     loss = fm_loss
@@ -110,26 +112,26 @@ class DistributionStage:
       # One pass over real and fake rows, paired so each stays on its device (paths.pair_rows).
       logits, _ = self.discriminate(fake_params, teacher_params, disc_params,
                                     paths.pair_rows(z_real, z_fake), paths.pair_rows(t_d, t_d),
-                                    paths.pair_rows(y, y))
+                                    jax.tree.map(paths.pair_rows, c, c))
       d_loss, d_metrics = losses.discriminator_loss(*paths.unpair_rows(logits))
       loss = loss + self.cfg.disc_weight * d_loss
       metrics.update(d_metrics)
     return loss, metrics
 
-  def generator_loss(self, params, critic_params, teacher_params, x, y, key):
+  def generator_loss(self, params, critic_params, teacher_params, x, c, key):
     """DMD + the AWD's non-saturating adversarial term + the optional MeanFlow regulariser."""
     fake_params, disc_params = critic_params
     k_e, k_t, k_n, k_td, k_dn, k_reg = jax.random.split(key, 6)
     b = x.shape[0]
-    g = self.generate(params, jax.random.normal(k_e, x.shape), y)
+    g = self.generate(params, jax.random.normal(k_e, x.shape), c)
     t = jax.random.uniform(k_t, (b,), minval=self.cfg.dmd_t_min, maxval=self.cfg.dmd_t_max)
     z_t = jax.lax.stop_gradient(losses.interpolate(g, jax.random.normal(k_n, x.shape), t))
     t_col = t.reshape((b,) + (1,) * (x.ndim - 1))
     # Denoised estimates x = z_t - t v: the teacher with CFG is the real score.
-    v_real = paths.cfg_velocity(common.velocity_fn(self.teacher, teacher_params), z_t, t, y,
-                                w=self.cfg.cfg_scale, null_label=self.config.model.num_classes,
+    v_real = paths.cfg_velocity(common.velocity_fn(self.teacher, teacher_params), z_t, t, c,
+                                w=self.cfg.cfg_scale, null=self.conditions.null_like(c),
                                 interval=self.cfg.get("cfg_interval"))
-    v_fake = common.apply_model(self.fake, fake_params, z_t, None, t, y)
+    v_fake = common.apply_model(self.fake, fake_params, z_t, None, t, c)
     x_real = z_t - t_col * v_real
     x_fake = z_t - t_col * v_fake.astype(jnp.float32)
     dmd, metrics = losses.dmd_loss(g, x_real, x_fake)
@@ -137,7 +139,7 @@ class DistributionStage:
     if self.adversarial:
       t_d = self._disc_t(k_td, b)
       z_g = losses.interpolate(g, jax.random.normal(k_dn, x.shape), t_d)
-      logits, weights = self.discriminate(fake_params, teacher_params, disc_params, z_g, t_d, y)
+      logits, weights = self.discriminate(fake_params, teacher_params, disc_params, z_g, t_d, c)
       adv, adv_metrics = losses.generator_adversarial_loss(logits)
       loss = loss + self.cfg.gen_adv_weight * adv
       entropy = token_weight_entropy(weights)
@@ -146,7 +148,7 @@ class DistributionStage:
                      awd_effective_tokens=jnp.mean(jnp.exp(entropy)),
                      awd_max_weight=jnp.mean(jnp.max(weights, axis=-1)))
     if self.cfg.regulariser_weight > 0:
-      reg, reg_metrics = self.trajectory.loss(params, teacher_params, x, y, k_reg)
+      reg, reg_metrics = self.trajectory.loss(params, teacher_params, x, c, k_reg)
       loss = loss + self.cfg.regulariser_weight * reg
       metrics.update({"reg_" + k: v for k, v in reg_metrics.items()})
     return loss, metrics
@@ -157,7 +159,7 @@ class DistributionStage:
   # -- the step -------------------------------------------------------------------------------
   def train_step(self, state: DistributionState, frozen, batch):
     teacher_params = frozen["teacher"]
-    x, y = batch["x"].astype(jnp.float32), batch["y"]
+    x, c = batch["x"].astype(jnp.float32), batch["c"]
     key = common.step_key(state.rng, state.step)
     k_critic, k_gen = jax.random.split(key)
 
@@ -165,7 +167,7 @@ class DistributionStage:
       fake_params, fake_opt, disc_params, disc_opt = carry
       (loss, metrics), (g_fake, g_disc) = jax.value_and_grad(self.critic_loss, has_aux=True)(
           (fake_params, disc_params), state.params, teacher_params,
-          jnp.take(x, i, axis=1), jnp.take(y, i, axis=1), jax.random.fold_in(k_critic, i))
+          jnp.take(x, i, axis=1), cond_lib.take(c, i, axis=1), jax.random.fold_in(k_critic, i))
       finite = common.is_finite(loss, (g_fake, g_disc))
       fake_params, fake_opt = common.guarded_update(self.fake_optimizer, fake_params, fake_opt,
                                                     g_fake, finite)
@@ -183,11 +185,11 @@ class DistributionStage:
 
     (loss, metrics), grads = jax.value_and_grad(self.generator_loss, has_aux=True)(
         state.params, (fake_params, disc_params), teacher_params,
-        x[:, self.k], y[:, self.k], k_gen)
+        x[:, self.k], cond_lib.take(c, self.k, axis=1), k_gen)
     state = state.replace(fake_params=fake_params, fake_opt_state=fake_opt,
                           disc_params=disc_params, disc_opt_state=disc_opt)
     return common.apply_gradients(self.optimizer, state, loss, grads,
                                   dict(metrics, **critic_metrics), self.cfg.ema_decay)
 
-  def sample(self, params, noise, y, *, num_steps=1):
-    return self.trajectory.sample(params, noise, y, num_steps=num_steps)
+  def sample(self, params, noise, c, *, num_steps=1):
+    return self.trajectory.sample(params, noise, c, num_steps=num_steps)

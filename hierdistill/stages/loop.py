@@ -1,7 +1,8 @@
 """The training loop every stage runs: restore, compile once, step, log, checkpoint, stop cleanly.
 
-A stage object supplies `name`, `init(rng, example_x, example_y, init_inputs)`,
-`train_step(state, frozen, batch)`, `sample(params, noise, y)` and the config block
+A stage object supplies `name`, `conditions` (conditions.py: the kind of c its batches carry),
+`init(rng, example_x, example_c, init_inputs)`, `train_step(state, frozen, batch)`,
+`sample(params, noise, c)` and the config block
 `config.<name>` (num_steps, batch_size, log_every, checkpoint_every). The loop owns the rest.
 """
 from __future__ import annotations
@@ -126,7 +127,7 @@ def run_stage(stage, *, config, workdir: str, mesh, pipeline, frozen: dict,
 
   frozen: pytrees the step reads but never changes (the teacher), already placed on the mesh.
   init_inputs: called only when the stage starts fresh; returns the handoff params.
-  grid: fixed (noise, labels) so every stage's samples can be compared picture to picture.
+  grid: fixed (noise, conditions) so every stage's samples can be compared picture to picture.
   """
   cfg = getattr(config, stage.name)
   rows = getattr(stage, "examples_per_row", 1)
@@ -136,11 +137,11 @@ def run_stage(stage, *, config, workdir: str, mesh, pipeline, frozen: dict,
 
   # Parameter shapes do not depend on the batch: one example is enough to initialise.
   example_x = jnp.zeros((1,) + pipeline.images.shape[1:], jnp.float32)
-  example_y = jnp.zeros((1,), jnp.int32)
+  example_c = jax.tree.map(jnp.asarray, stage.conditions.example(1))
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), stage.stage_id)
 
   def init_fn(rng, inputs):
-    return stage.init(rng, example_x, example_y, inputs)
+    return stage.init(rng, example_x, example_c, inputs)
 
   inputs_abstract = None
   restored = None
@@ -250,11 +251,11 @@ def run_stage(stage, *, config, workdir: str, mesh, pipeline, frozen: dict,
   wall = time.time() - start_time
   samples_path = None
   # Every process runs the sampler (it is one program over the mesh); process 0 writes.
-  noise, labels = grid
+  noise, grid_c = grid
   sample_fn = shard_lib.under_mesh(
       jax.jit(stage.sample, out_shardings=shard_lib.replicated(mesh)), mesh)
   images = np.asarray(jax.device_get(sample_fn(state.ema_params, jnp.asarray(noise),
-                                               jnp.asarray(labels))))
+                                               jax.tree.map(jnp.asarray, grid_c))))
   samples_path = os.path.join(ckpt_lib.stage_dir(workdir, stage.name), f"samples_step{total}.png")
   if jax.process_index() == 0:
     save_grid(images, samples_path)

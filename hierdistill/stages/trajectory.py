@@ -1,7 +1,7 @@
 """Stage 1: MeanFlow trajectory distillation of the teacher into a one-step "sketch".
 
-The student u_theta(z, r, t | y) starts as a copy of the teacher (its interval embedding is new
-and zero, so at step 0 u(z, r, t | y) == v_T(z, t | y)) and regresses the MeanFlow target built
+The student u_theta(z, r, t | c) starts as a copy of the teacher (its interval embedding is new
+and zero, so at step 0 u(z, r, t | c) == v_T(z, t | c)) and regresses the MeanFlow target built
 from the teacher's guided velocity at z_t: u_tgt = sg(v_T - (t - r) du/dt).
 """
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from hierdistill import conditions as cond_lib
 from hierdistill import losses, paths, sampling
 from hierdistill.models import init_student_from_teacher
 from hierdistill.stages import common
@@ -21,42 +22,43 @@ class TrajectoryStage:
   stage_id = 1  # salts the stage\'s rng and data order
   frozen_inputs = ("teacher",)
 
-  def __init__(self, config, student, teacher):
+  def __init__(self, config, student, teacher, conditions=None):
     self.config = config
     self.cfg = config.trajectory
     self.student = student
     self.teacher = teacher
+    self.conditions = conditions or cond_lib.Labels(config.model.num_classes)
     # The JVP runs in float32 unless asked otherwise: bfloat16 tangents lose du/dt's small
     # terms, and MeanFlow runs reported NaNs that fp32 cured (PITFALLS.md).
     self.student_jvp = student.clone(dtype=common.dtype_of(self.cfg.jvp_dtype))
     self.optimizer = common.make_optimizer(self.cfg.optimizer)
 
-  def init(self, rng, example_x, example_y, frozen):
+  def init(self, rng, example_x, example_c, frozen):
     k_params, k_train = jax.random.split(rng)
     b = example_x.shape[0]
     t = jnp.ones((b,))
-    fresh = self.student.init(k_params, example_x, t, t, example_y)["params"]
+    fresh = self.student.init(k_params, example_x, t, t, example_c)["params"]
     params = init_student_from_teacher(fresh, frozen["teacher"])
     return common.TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params),
         ema_params=params, rng=k_train)
 
-  def teacher_velocity(self, teacher_params, z_t, t, y):
-    """v_T = v_w(z_t, t | y): the teacher's guided velocity, a constant target."""
+  def teacher_velocity(self, teacher_params, z_t, t, c):
+    """v_T = v_w(z_t, t | c): the teacher's guided velocity, a constant target."""
     return jax.lax.stop_gradient(paths.cfg_velocity(
-        common.velocity_fn(self.teacher, teacher_params), z_t, t, y,
-        w=self.cfg.cfg_scale, null_label=self.config.model.num_classes,
+        common.velocity_fn(self.teacher, teacher_params), z_t, t, c,
+        w=self.cfg.cfg_scale, null=self.conditions.null_like(c),
         interval=self.cfg.get("cfg_interval")))
 
-  def loss(self, params, teacher_params, x, y, key):
+  def loss(self, params, teacher_params, x, c, key):
     """MeanFlow distillation loss of one batch; shared with stage 2's regulariser."""
     k_rt, k_e = jax.random.split(key)
     r, t = paths.sample_r_t(k_rt, x.shape[0], mu=self.cfg.rt_mu, sigma=self.cfg.rt_sigma,
                             equal_fraction=self.cfg.equal_fraction)
     noise = jax.random.normal(k_e, x.shape, jnp.float32)
     z_t = losses.interpolate(x.astype(jnp.float32), noise, t)
-    v_T = self.teacher_velocity(teacher_params, z_t, t, y)
-    u_fn = lambda z, r_, t_: common.apply_model(self.student_jvp, params, z, r_, t_, y)
+    v_T = self.teacher_velocity(teacher_params, z_t, t, c)
+    u_fn = lambda z, r_, t_: common.apply_model(self.student_jvp, params, z, r_, t_, c)
     u, u_tgt = losses.meanflow_target(u_fn, z_t, r, t, v_T)
     d = jnp.sum(jnp.square(u - u_tgt), axis=tuple(range(1, u.ndim)))
     loss = losses.adaptive_weighted_loss(d, p=self.cfg.adaptive_p, eps=self.cfg.adaptive_eps)
@@ -71,11 +73,11 @@ class TrajectoryStage:
   def train_step(self, state: common.TrainState, frozen, batch):
     key = common.step_key(state.rng, state.step)
     (loss, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(
-        state.params, frozen["teacher"], batch["x"], batch["y"], key)
+        state.params, frozen["teacher"], batch["x"], batch["c"], key)
     return common.apply_gradients(self.optimizer, state, loss, grads, metrics,
                                   self.cfg.ema_decay)
 
-  def sample(self, params, noise, y, *, num_steps=1):
-    """One-step (or k-step) samples of the flow map: x = e - u(e, 0, 1 | y)."""
-    u_fn = lambda z, r, t: common.apply_model(self.student, params, z, r, t, y)
+  def sample(self, params, noise, c, *, num_steps=1):
+    """One-step (or k-step) samples of the flow map: x = e - u(e, 0, 1 | c)."""
+    u_fn = lambda z, r, t: common.apply_model(self.student, params, z, r, t, c)
     return sampling.flow_map_sample(u_fn, noise, num_steps=num_steps)

@@ -1,16 +1,13 @@
-"""The chain on ImageNet latents: pipeline.Chain with the ImageNet data source, VAE-decoded
-sample grids and the Inception evaluation. pipeline.run builds it when config.data.name is
-'imagenet256_latents'.
+"""ImageNet 256 as SD-VAE latents (config.data.name 'imagenet256_latents'), docs/imagenet.md:
 
-It overrides only Chain's hooks (docs/imagenet.md):
-  open_dataset   check every file the run will read (convert/from_config.py) before anything
+  opening        check every file the run will read (convert/from_config.py) before anything
                  compiles; open the latents (runlocal: extract mock ImageNet first)
-  make_pipeline  data/imagenet_latents.LatentPipeline instead of the in-memory one
+  make_pipeline  data/imagenet_latents.LatentPipeline: shards read per process
   save_grid      decode latents with the VAE before drawing
-  run_eval       stages/evaluate.py's rows, scored by ImageNetEval: FID/IS/precision/recall
-                 against ADM's reference batch (evaluation/imagenet.py)
-The published teacher (config.teacher.init_checkpoint=SiT-XL-2-256x256.pt) is imported by
-Chain itself (teacher_params), as for any experiment.
+  make_scorer    ImageNetEval: FID/IS/precision/recall with the FID Inception against ADM's
+                 reference batch (evaluation/imagenet.py)
+The published teacher (config.teacher.init_checkpoint=SiT-XL-2-256x256.pt) is imported by the
+chain itself (pipeline.Chain.teacher_params), as for any experiment.
 """
 from __future__ import annotations
 
@@ -21,12 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hierdistill import pipeline
+from hierdistill import conditions as cond_lib
 from hierdistill import sharding as shard_lib
 from hierdistill.config_checks import ConfigError
 from hierdistill.convert import from_config
 from hierdistill.data import imagenet_latents
-from hierdistill.stages import evaluate
+from hierdistill.evaluation import driver
+from hierdistill.evaluation import grids
+from hierdistill.evaluation import imagenet as ev_imagenet
+from hierdistill.models.vae import AutoencoderKL
+from hierdistill.sources.base import DataSource
 
 MOCK_LATENTS = "mock_latents"
 
@@ -50,10 +51,19 @@ def reference_batch_of(config, workdir: str) -> str:
   return ""
 
 
-class ImageNetChain(pipeline.Chain):
-  """pipeline.Chain over ImageNet latents (see the module docstring)."""
+class ImageNetSource(DataSource):
+  """ImageNet latents, class-conditional (see the module docstring)."""
 
-  def open_dataset(self) -> imagenet_latents.LatentDataset:
+  def __init__(self, config, workdir: str, mesh):
+    super().__init__(config, workdir, mesh)
+    self.dataset = self._open()
+    self.name = self.dataset.name
+    self.shape = tuple(self.dataset.shape)
+    self.num_classes = self.dataset.num_classes
+    self.examples = self.dataset.num_examples
+    self.conditions = cond_lib.Labels(self.num_classes)
+
+  def _open(self) -> imagenet_latents.LatentDataset:
     """The latents' metadata (nothing is read into memory), after checking every file."""
     config = self.config
     from_config.check_files(config)  # one line naming the key, before anything compiles
@@ -82,7 +92,6 @@ class ImageNetChain(pipeline.Chain):
 
   def decode(self, latents: np.ndarray) -> np.ndarray:
     """Scaled latents -> images in [-1, 1] (host numpy), in VAE batches."""
-    from hierdistill.models.vae import AutoencoderKL  # pylint: disable=g-import-not-at-top
     model, params = self.vae
     fn = jax.jit(lambda p, z: model.apply({"params": p}, z / model.scaling_factor,
                                           method=AutoencoderKL.decode))
@@ -90,25 +99,24 @@ class ImageNetChain(pipeline.Chain):
     return np.concatenate([np.asarray(fn(params, jnp.asarray(latents[i:i + bs])))
                            for i in range(0, len(latents), bs)])
 
-  def save_grid(self, samples, path: str) -> None:
-    from hierdistill.evaluation import grids  # pylint: disable=g-import-not-at-top
+  def save_grid(self, samples, path: str, conditions=None) -> None:
+    del conditions  # a row cycles through the classes
     grids.save_image_grid(np.clip(self.decode(np.asarray(samples)), -1.0, 1.0), path)
 
-  def run_eval(self) -> dict:
-    return evaluate.run_eval(self, ImageNetEval)
+  def make_scorer(self, chain):
+    return ImageNetEval(chain)
 
 
 class ImageNetEval:
-  """stages/evaluate.py's scorer for ImageNet: samples decoded by the VAE and scored with the
+  """The eval driver's scorer for ImageNet: samples decoded by the VAE and scored with the
   FID Inception against ADM's reference batch (evaluation/imagenet.ImageNetScorer). Only
   features, and the images a grid or eval.save_npz asks for, leave the devices."""
 
-  def __init__(self, chain: ImageNetChain):
-    from hierdistill.evaluation import imagenet as ev_imagenet  # pylint: disable=g-import-not-at-top
+  def __init__(self, chain):
     self.chain = chain
     config = chain.config
     self.cfg = config.eval
-    vae, vae_params = chain.vae
+    vae, vae_params = chain.source.vae
     inception, inception_params = from_config.load_inception(config)
     self.reference_path = reference_batch_of(config, chain.workdir)
     self.scorer = ev_imagenet.ImageNetScorer(
@@ -119,7 +127,7 @@ class ImageNetEval:
         random_inception=bool(self.cfg.random_inception),
         use_stored_reference_stats=bool(self.cfg.use_stored_reference_stats),
         is_split_size=int(self.cfg.is_split_size), pr_k=int(self.cfg.pr_k))
-    self.key = evaluate.eval_key(config)
+    self.key = driver.eval_key(config)
 
   def measure(self, sample_fn, params, files_prefix=None):
     """(metric columns, the first sample.grid_size images as uint8); with eval.save_npz, every
@@ -128,11 +136,10 @@ class ImageNetEval:
     npz = f"{files_prefix}.npz" if self.cfg.save_npz and files_prefix else None
     return self.scorer.measure(
         sample_fn, params, num_samples=int(self.cfg.num_samples),
-        latent_shape=self.chain.dataset.shape, num_classes=config.model.num_classes,
+        latent_shape=self.chain.source.shape, num_classes=config.model.num_classes,
         key=self.key, keep_images=int(config.sample.grid_size), save_npz=npz)
 
   def save_grid(self, images: np.ndarray, path: str) -> None:
-    from hierdistill.evaluation import imagenet as ev_imagenet  # pylint: disable=g-import-not-at-top
     ev_imagenet.save_uint8_grid(images, path)
 
   def describe(self) -> dict:

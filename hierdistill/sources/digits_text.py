@@ -1,0 +1,135 @@
+"""The text-to-image miniature (config.data.name 'digits8x8_text'): the 8x8 digits, each with a
+caption measured from its pixels ("a bold, right-leaning seven"), encoded once by the frozen
+word encoder of data/digits_text.py. The null condition is the empty prompt's encoding.
+
+Grids and eval samples come in rows of GRID_COLUMNS that share one caption, printed under the
+row. The scorer adds to the digits columns (FD-digits, precision, recall, IS-digits, class
+accuracy of the digit the caption names) the caption agreement: the share of samples whose
+measured stroke and slant are the words asked for (and each attribute alone).
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from hierdistill import conditions as cond_lib
+from hierdistill import data as data_lib
+from hierdistill.data import digits_text as text_lib
+from hierdistill.evaluation import embedded as ev_embedded
+from hierdistill.evaluation import grids
+from hierdistill.sources.base import DataSource, data_dir_of
+from hierdistill.sources.embedded import load_train_set
+
+GRID_COLUMNS = 8  # samples per caption in grids and in the eval
+EVAL_SALT = 0x7E47  # the order in which the eval visits the training captions
+
+
+class DigitsTextSource(DataSource):
+  """Digits with measured captions (see the module docstring)."""
+
+  def __init__(self, config, workdir: str, mesh):
+    super().__init__(config, workdir, mesh)
+    # The images are the class-conditional digits'; the captions replace the labels.
+    ds = load_train_set(_digits_data(config.data))
+    self.name, self.x, self.y = config.data.name, ds.x, ds.y
+    self.data_dir = data_dir_of(config.data)
+    self.shape, self.num_classes = tuple(ds.shape), ds.num_classes
+    attributes = text_lib.measure_attributes(self.x)
+    self.thresholds = text_lib.fit_thresholds(attributes, self.y, self.num_classes)
+    self.words = text_lib.bucket(attributes, self.y, self.thresholds)  # (N, 2) stroke, slant
+    self.captions = [text_lib.caption(int(k), int(s), int(l))
+                     for k, (s, l) in zip(self.y, self.words)]
+    self.encoded = text_lib.encode(self.captions)
+    null = text_lib.encode([""])
+    self.conditions = cond_lib.Text(null["embeddings"][0], null["mask"][0])
+
+  @property
+  def examples(self) -> int:
+    return len(self.x)
+
+  def make_pipeline(self, global_batch_size: int, seed: int):
+    return data_lib.InMemoryPipeline(
+        self.x, self.encoded, global_batch_size=global_batch_size, seed=seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+  # -- what is asked -----------------------------------------------------------------------------
+
+  def grid_asks(self, n: int) -> np.ndarray:
+    """(n, 3) (label, stroke, slant) of the grid: row i asks for digit i % 10 with one of the
+    nine word pairs, each row GRID_COLUMNS samples of one caption."""
+    row = np.arange(n) // GRID_COLUMNS
+    return np.stack([row % self.num_classes, row % 3, (row // 3 + row) % 3], axis=1)
+
+  def eval_asks(self, num_samples: int) -> np.ndarray:
+    """(num_samples, 3): the captions of the training digits, visited in a fixed random order,
+    GRID_COLUMNS samples each; so the asked words follow the training distribution, which the
+    reference set (the training split) has too."""
+    order = np.random.default_rng([self.config.seed, EVAL_SALT]).permutation(len(self.y))
+    rows = order[np.arange(num_samples) // GRID_COLUMNS % len(order)]
+    return np.concatenate([self.y[rows, None], self.words[rows]], axis=1)
+
+  def conditions_of(self, asks: np.ndarray) -> dict:
+    return text_lib.encode(captions_of(asks))
+
+  def grid_conditions(self, n: int) -> dict:
+    return self.conditions_of(self.grid_asks(n))
+
+  def eval_conditions(self, num_samples: int) -> dict:
+    return self.conditions_of(self.eval_asks(num_samples))
+
+  def save_grid(self, samples, path: str, asks=None) -> None:
+    """The samples in rows of GRID_COLUMNS with each row's caption under it (default: the
+    grid's captions)."""
+    asks = self.grid_asks(len(samples)) if asks is None else asks
+    captions = captions_of(asks[::GRID_COLUMNS])
+    grids.save_captioned_grid(np.asarray(samples), captions, path, columns=GRID_COLUMNS)
+
+  def make_scorer(self, chain):
+    return CaptionEvaluator(chain)
+
+
+def captions_of(asks: np.ndarray) -> list:
+  return [text_lib.caption(int(k), int(s), int(l)) for k, s, l in asks]
+
+
+def _digits_data(data_config):
+  """The digits' own data config (same data dir): the images and labels behind the captions."""
+  cfg = data_config.copy_and_resolve_references()
+  cfg.name = "digits8x8"
+  return cfg
+
+
+def caption_agreement(samples: np.ndarray, asks: np.ndarray, thresholds) -> dict:
+  """Shares of samples whose measured stroke, slant, and both, are the words asked for."""
+  measured = text_lib.bucket(text_lib.measure_attributes(samples), asks[:, 0], thresholds)
+  same = measured == asks[:, 1:]
+  return {"caption_agreement": float(np.mean(same.all(axis=1))),
+          "stroke_agreement": float(np.mean(same[:, 0])),
+          "slant_agreement": float(np.mean(same[:, 1]))}
+
+
+class CaptionEvaluator(ev_embedded.Evaluator):
+  """The digits scorer with the digit the caption names as the class, plus caption agreement."""
+
+  def __init__(self, chain):
+    super().__init__(chain)
+    self.asks = chain.source.eval_asks(int(self.cfg.num_samples))
+
+  def measure(self, sample_fn, params, files_prefix=None):
+    del files_prefix
+    samples = self.samples(sample_fn, params)
+    self.last_samples = samples
+    row = self.scorer(samples, self.asks[:, 0])
+    row.update(caption_agreement(samples, self.asks, self.chain.source.thresholds))
+    return row, samples
+
+  def save_grid(self, samples, path: str) -> None:
+    self.chain.source.save_grid(samples, path, asks=self.asks[:len(samples)])
+
+  def describe(self) -> dict:
+    real = caption_agreement(self.chain.source.x, np.concatenate(
+        [self.chain.source.y[:, None], self.chain.source.words], axis=1),
+        self.chain.source.thresholds)
+    return {**super().describe(),
+            "captions": "measured stroke and slant, class terciles of the training split",
+            "real_caption_agreement": real["caption_agreement"]}
