@@ -32,9 +32,16 @@ def test_2b_param_count_is_the_published_size():
   assert model.resolved_layer_types()[:3] == (SLIDING, "full_attention", SLIDING)
 
 
-def test_bad_inputs_and_paths_name_the_fix():
+def test_bad_inputs_and_paths_name_the_fix(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"config\.text_encoder\.path='/nope'.*gemma-2-2b-it"):
     convert_gemma2.load_gemma2("/nope")
+  with pytest.raises(FileNotFoundError, match=r"neither model\.safetensors nor .*gemma-2-2b-it"):
+    convert_gemma2.load_gemma2(str(tmp_path))
+  (tmp_path / "model.safetensors.index.json").write_text(
+      '{"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}')
+  with pytest.raises(FileNotFoundError, match=r"model-00002-of-00002\.safetensors, listed in .*"
+                                              r"download every shard"):
+    convert_gemma2.load_gemma2(str(tmp_path))
   model = Gemma2Encoder(**GEMMA2_TINY, dtype=jnp.float32)
   with pytest.raises(ValueError, match=r"same shape \(B, L\)"):
     model.init(jax.random.key(0), jnp.zeros((2, 5), jnp.int32), jnp.ones((2, 4), jnp.int32))
