@@ -24,7 +24,7 @@ class DataSource:
   ConfigError, one line, for what the user can fix.
 
   Attributes a subclass sets: name, shape (one example's), num_classes, conditions
-  (conditions.Labels or conditions.Text), and examples (the number of training examples).
+  (conditions.Labels or conditions.Text).
   Methods it provides:
     make_pipeline(global_batch_size, seed)  this process's training input: batch(step) ->
         {'x', 'c'}, and `images` whose shape[1:] is one example's (stages/loop.py); the order a

@@ -43,10 +43,6 @@ class DigitsTextSource(DataSource):
     null = text_lib.encode([""])
     self.conditions = cond_lib.Text(null["embeddings"][0], null["mask"][0])
 
-  @property
-  def examples(self) -> int:
-    return len(self.x)
-
   def make_pipeline(self, global_batch_size: int, seed: int):
     return data_lib.InMemoryPipeline(
         self.x, self.encoded, global_batch_size=global_batch_size, seed=seed,

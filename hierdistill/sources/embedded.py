@@ -42,10 +42,6 @@ class InMemorySource(DataSource):
     self.shape, self.num_classes = tuple(ds.shape), ds.num_classes
     self.conditions = cond_lib.Labels(self.num_classes)
 
-  @property
-  def examples(self) -> int:
-    return len(self.x)
-
   def make_pipeline(self, global_batch_size: int, seed: int):
     return data_lib.InMemoryPipeline(
         self.x, self.y, global_batch_size=global_batch_size, seed=seed,
@@ -58,14 +54,13 @@ class InMemorySource(DataSource):
 class DigitsSource(InMemorySource):
   """8x8 digits, 10 classes: image grids."""
 
-  def save_grid(self, samples, path: str, conditions=None) -> None:
-    del conditions  # a row cycles through the classes: the labels are the columns
+  def save_grid(self, samples, path: str) -> None:
+    """The samples tiled in rows; the labels cycle along each row."""
     grids.save_image_grid(samples, path)
 
 
 class Toy2DSource(InMemorySource):
   """2-D mixtures of Gaussians: scatter plots of the samples over the real points."""
 
-  def save_grid(self, samples, path: str, conditions=None) -> None:
-    del conditions
+  def save_grid(self, samples, path: str) -> None:
     grids.scatter_png([self.x, samples], ["grey", "red"], path)

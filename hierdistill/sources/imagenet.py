@@ -60,7 +60,6 @@ class ImageNetSource(DataSource):
     self.name = self.dataset.name
     self.shape = tuple(self.dataset.shape)
     self.num_classes = self.dataset.num_classes
-    self.examples = self.dataset.num_examples
     self.conditions = cond_lib.Labels(self.num_classes)
 
   def _open(self) -> imagenet_latents.LatentDataset:
@@ -99,8 +98,8 @@ class ImageNetSource(DataSource):
     return np.concatenate([np.asarray(fn(params, jnp.asarray(latents[i:i + bs])))
                            for i in range(0, len(latents), bs)])
 
-  def save_grid(self, samples, path: str, conditions=None) -> None:
-    del conditions  # a row cycles through the classes
+  def save_grid(self, samples, path: str) -> None:
+    """Decoded by the VAE, tiled in rows; the labels cycle along each row."""
     grids.save_image_grid(np.clip(self.decode(np.asarray(samples)), -1.0, 1.0), path)
 
   def make_scorer(self, chain):
