@@ -176,10 +176,11 @@ def test_student_from_teacher_is_exact_at_init():
   u = lambda p, r_: student.apply({"params": p}, z, r_, t, c)
   np.testing.assert_array_equal(u(params, t), v)  # u(z, t, t | c) == v(z, t | c)
   np.testing.assert_array_equal(u(params, r), v)  # any r, at init
-  np.testing.assert_array_equal(u(params, None), v)
   moved = dict(params, interval_embedder=random_params(student, z, r, t, c, seed=6)[
       "interval_embedder"])
-  assert float(jnp.max(jnp.abs(u(moved, r) - v))) > 1e-4  # once it has learned, r matters
+  u_none, u_moved = jax.jit(lambda p, q: (u(p, None), u(q, r)))(params, moved)
+  np.testing.assert_allclose(u_none, v, rtol=1e-5, atol=1e-6)  # r = None means r = t
+  assert float(jnp.max(jnp.abs(u_moved - v))) > 1e-4  # once it has learned, r matters
 
 
 def test_caption_mask_features_and_train_flag():
@@ -207,6 +208,28 @@ def test_caption_mask_features_and_train_flag():
   np.testing.assert_array_equal(v_train, v)  # no caption dropout inside the network
   np.testing.assert_array_equal(v_nomask, v_ones)  # no mask = every token real
   assert MASK_BIAS == -10000.0
+
+
+def test_bfloat16_compute_and_remat():
+  z, r, t, c = inputs()
+  m32 = SanaTransformer(interval_conditioning=True, **TINY)
+  m16 = SanaTransformer(interval_conditioning=True, dtype=jnp.bfloat16, **TINY)
+  remat = SanaTransformer(interval_conditioning=True, remat=True, **TINY)
+  params = random_params(m32, z, r, t, c, scale=0.1)
+  shapes16 = jax.eval_shape(m16.init, jax.random.key(0), z, r, t, c)["params"]
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(shapes16))
+  loss = lambda m, p: jnp.mean(jnp.square(m.apply({"params": p}, z, r, t, c)))
+  (l32, g32), (l_re, g_re), (v16, feats16), v32 = jax.jit(lambda p: (
+      jax.value_and_grad(lambda q: loss(m32, q))(p),
+      jax.value_and_grad(lambda q: loss(remat, q))(p),
+      m16.apply({"params": p}, z, r, t, c, return_features=True),
+      m32.apply({"params": p}, z, r, t, c)))(params)
+  assert v16.dtype == jnp.float32 and feats16[0].dtype == jnp.float32  # float32 stream, output
+  scale = float(jnp.max(jnp.abs(v32)))
+  np.testing.assert_allclose(v16, v32, atol=5e-2 * scale)
+  np.testing.assert_allclose(l_re, l32, rtol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                         g_re, g32)
 
 
 def test_bad_condition_is_one_line():

@@ -6,6 +6,7 @@ v(z, t | y)). Models know nothing of losses or training.
 """
 from hierdistill.models.awd import TokenDiscriminatorHead, token_weight_entropy
 from hierdistill.models.clip import CLIP, CLIP_VIT_L14, clip_score, preprocess_images
+from hierdistill.models.dcae import DCAE_F32C32, AutoencoderDC
 from hierdistill.models.dit import DIT_SIZES, DiT, dit_config, init_student_from_teacher
 from hierdistill.models.gemma2 import GEMMA2_2B, GEMMA2_SIZES, Gemma2Encoder
 from hierdistill.models.mlp import MLPFlow
@@ -13,8 +14,10 @@ from hierdistill.models.registry import build, build_discriminator
 from hierdistill.models.sana import SANA_SIZES, SanaTransformer, sana_config
 
 __all__ = [
+    "AutoencoderDC",
     "CLIP",
     "CLIP_VIT_L14",
+    "DCAE_F32C32",
     "DIT_SIZES",
     "DiT",
     "GEMMA2_2B",
