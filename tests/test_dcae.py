@@ -97,7 +97,8 @@ def test_wrong_sizes_name_the_key_and_file(tmp_path):
                      r"\(8[,)].*, the model expects \(16[,)]"):
     convert_dcae.load_dcae(str(tmp_path / "vae"),
                            overrides=dict(encoder_block_out_channels=(16, 16, 32)))
-  with pytest.raises(ValueError, match=r"unexpected key 'encoder\.down_blocks\.2\.1\..*safetensors"):
+  with pytest.raises(ValueError,
+                     match=r"unexpected key 'encoder\.down_blocks\.2\.1\..*safetensors"):
     convert_dcae.load_dcae(str(tmp_path / "vae"),
                            overrides=dict(encoder_layers_per_block=(1, 1, 1)))
   with pytest.raises(ValueError, match=r"safetensors lacks the weights of encoder/down_blocks_2_2"):

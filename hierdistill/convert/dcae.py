@@ -141,7 +141,8 @@ def load_dcae(path: str, *, config_key: str = "config.vae.path", overrides=None,
   Sizes come from config.json (else models.dcae.DCAE_F32C32), then from `overrides`. A missing
   path raises FileNotFoundError naming config_key.
   """
-  from hierdistill.models.dcae import DCAE_F32C32, AutoencoderDC  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from hierdistill.models.dcae import DCAE_F32C32, AutoencoderDC
   if not path or not os.path.exists(path):
     raise FileNotFoundError(f"{config_key}={path!r}: no such file or folder; expected "
                             f"{WHERE_PUBLISHED}")

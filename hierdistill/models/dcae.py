@@ -306,9 +306,10 @@ class AutoencoderDC(nn.Module):
     for side in ("encoder", "decoder"):
       n = len(getattr(self, f"{side}_block_out_channels"))
       for field in ("block_types", "layers_per_block", "qkv_multiscales"):
-        if len(getattr(self, f"{side}_{field}")) != n:
-          raise ValueError(f"AutoencoderDC {side}_{field} has {len(getattr(self, f'{side}_{field}'))}"
-                           f" entries for {n} stages.")
+        value = getattr(self, f"{side}_{field}")
+        if len(value) != n:
+          raise ValueError(f"AutoencoderDC {side}_{field}={value} has {len(value)} entries for "
+                           f"{n} stages.")
       if any(k not in BLOCK_TYPES for k in getattr(self, f"{side}_block_types")):
         raise ValueError(f"AutoencoderDC {side}_block_types={getattr(self, f'{side}_block_types')}"
                          f": supported are {BLOCK_TYPES}.")

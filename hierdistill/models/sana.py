@@ -1,4 +1,4 @@
-"""SANA transformer (Xie et al. 2024): text-conditioned teacher v(z, t | c) and student u(z, r, t | c).
+"""SANA transformer (Xie et al. 2024): text-to-image teacher v(z, t | c) and student u(z, r, t | c).
 
 A linear-attention DiT on DC-AE latents (32 channels, 32x down, patch 1): every block is
   h += gate_msa * LinearAttention(adaLN(h))        ReLU kernels, no softmax, cost linear in tokens
@@ -22,7 +22,7 @@ Param tree (diffusers' SanaTransformer2DModel names, list indices folded; conver
   t_block/{kernel (D, 6D), bias}                                time_embed.linear
   caption_projection/{linear_1 (C_txt, D), linear_2 (D, D)}/{kernel, bias}
   caption_norm/scale (D,)
-  blocks_{i}/scale_shift_table (6, D)       rows: shift, scale, gate (attn); shift, scale, gate (mlp)
+  blocks_{i}/scale_shift_table (6, D)      rows: shift, scale, gate (attn); shift, scale, gate (mlp)
   blocks_{i}/attn1/{to_q, to_k, to_v}/kernel (D, D); attn1/to_out/{kernel, bias}
   blocks_{i}/attn1/{norm_q, norm_k}/scale (D,)                  qk_norm only
   blocks_{i}/attn2/{to_q, to_k, to_v, to_out}/{kernel (D, D), bias}; attn2/{norm_q, norm_k}/scale
@@ -213,6 +213,21 @@ class CrossAttention(nn.Module):
     return dense("to_out")(out)
 
 
+class CaptionProjection(nn.Module):
+  """Dense -> GELU(tanh) -> Dense from the text encoder's width to D (PixArt's y_proj)."""
+  hidden_size: int
+  dtype: Optional[Dtype] = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, y: Array) -> Array:
+    """y: (B, L, C_txt). Returns (B, L, D) in the compute dtype."""
+    kw = dict(kernel_init=_XAVIER, bias_init=_ZEROS, dtype=self.dtype,
+              param_dtype=self.param_dtype)
+    h = nn.gelu(Dense(self.hidden_size, name="linear_1", **kw)(y), approximate=True)
+    return Dense(self.hidden_size, name="linear_2", **kw)(h)
+
+
 class SanaBlock(nn.Module):
   """Linear self-attention, cross-attention, GLUMBConv; adaLN-single modulation."""
   hidden_size: int
@@ -392,18 +407,3 @@ class SanaTransformer(nn.Module):
     if not return_features:
       return velocity
     return velocity, [outputs[i] for i in wanted]
-
-
-class CaptionProjection(nn.Module):
-  """Dense -> GELU(tanh) -> Dense from the text encoder's width to D (PixArt's y_proj)."""
-  hidden_size: int
-  dtype: Optional[Dtype] = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, y: Array) -> Array:
-    """y: (B, L, C_txt). Returns (B, L, D) in the compute dtype."""
-    kw = dict(kernel_init=_XAVIER, bias_init=_ZEROS, dtype=self.dtype,
-              param_dtype=self.param_dtype)
-    h = nn.gelu(Dense(self.hidden_size, name="linear_1", **kw)(y), approximate=True)
-    return Dense(self.hidden_size, name="linear_2", **kw)(h)
