@@ -134,4 +134,5 @@ def sample_teacher(config, model, conditions, params, noise, c, *, num_steps: in
   return sampling.sample_teacher(
       velocity_fn(model, params), noise, c, num_steps=num_steps, method=s.teacher_method,
       cfg_scale=s.cfg_scale, cfg_interval=s.get("cfg_interval"),
-      guided_channels=s.get("guided_channels"), null=conditions.null_like(c))
+      guided_channels=s.get("guided_channels"), null=conditions.null_like(c),
+      shift=float(s.get("shift", 1.0)), integer_timesteps=bool(s.get("integer_timesteps", False)))
