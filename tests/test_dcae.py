@@ -79,12 +79,14 @@ def _compare(torch, ref, model, params):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("down, up", [("Conv", "interpolate"),
-                                      ("pixel_unshuffle", "pixel_shuffle")])
-def test_import_from_save_pretrained_folder_matches_diffusers(tmp_path, down, up):
+@pytest.mark.parametrize("down, up, variant", [("Conv", "interpolate", None),
+                                               ("pixel_unshuffle", "pixel_shuffle", "fp16")])
+def test_import_from_save_pretrained_folder_matches_diffusers(tmp_path, down, up, variant):
   torch, ref = _reference(downsample_block_type=down, upsample_block_type=up)
-  ref.save_pretrained(str(tmp_path / "vae"))  # config.json + safetensors, as published
-  model, params = convert_dcae.load_dcae(str(tmp_path))  # a pipeline folder: its vae/ is read
+  # config.json + safetensors, as published (variant: diffusion_pytorch_model.fp16.safetensors)
+  ref.save_pretrained(str(tmp_path / "vae"), variant=variant)
+  # A pipeline folder: its vae/ is read.
+  model, params = convert_dcae.load_dcae(str(tmp_path), variant=variant)
   assert model.encoder_block_out_channels == (8, 16, 32) and model.upsample_block_type == up
   _compare(torch, ref, model, params)
 

@@ -264,7 +264,8 @@ def test_bad_condition_is_one_line():
 # Importer: one-line errors (no torch: the file is written with safetensors' numpy API)
 
 
-def _write_folder(folder, model, drop=None, reshape=None):
+def _write_folder(folder, model, drop=None, reshape=None,
+                  name="diffusion_pytorch_model.safetensors"):
   from safetensors.numpy import save_file
   folder.mkdir(parents=True, exist_ok=True)
   config = dict(in_channels=model.in_channels, out_channels=model.in_channels,
@@ -280,7 +281,7 @@ def _write_folder(folder, model, drop=None, reshape=None):
         for k, (_, _, shape) in convert_sana.diffusers_layout(model).items() if k != drop}
   if reshape:
     sd[reshape] = np.zeros(sd[reshape].shape[:-1] + (sd[reshape].shape[-1] + 1,), np.float32)
-  save_file(sd, str(folder / "diffusion_pytorch_model.safetensors"))
+  save_file(sd, str(folder / name))
 
 
 def test_import_errors_name_the_key_the_file_and_where_published(tmp_path):
@@ -292,6 +293,11 @@ def test_import_errors_name_the_key_the_file_and_where_published(tmp_path):
   loaded, params = convert_sana.load_sana(str(tmp_path / "ok"))  # a pipeline folder
   assert loaded == model and params["blocks_1"]["ff"]["conv_depth"]["kernel"].shape == (
       3, 3, 1, 160)
+  _write_folder(tmp_path / "fp16", model, name="diffusion_pytorch_model.fp16.safetensors")
+  with pytest.raises(FileNotFoundError, match=r"fp16 has none of .* holds the variants \['fp16'\]"
+                     r": pass variant='fp16'"):
+    convert_sana.load_sana(str(tmp_path / "fp16"))
+  assert convert_sana.load_sana(str(tmp_path / "fp16"), variant="fp16")[0] == model
   key = "transformer_blocks.1.attn2.to_k.bias"
   _write_folder(tmp_path / "missing", model, drop=key)
   with pytest.raises(ValueError, match=rf"^missing key '{key}' in .*missing/diffusion_pytorch_"

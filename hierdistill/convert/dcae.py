@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 from flax import traverse_util
 
+from hierdistill.convert.sana import variant_name
 from hierdistill.convert.torch_files import load_state_dict
 
 WHERE_PUBLISHED = ("mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers (or -1.1-diffusers) on the "
@@ -134,12 +135,13 @@ def import_dcae(state_dict: Dict[str, np.ndarray], model, *, path: str = "<state
 
 
 def load_dcae(path: str, *, config_key: str = "config.vae.path", overrides=None,
-              dtype=np.float32):
+              variant: Optional[str] = None, dtype=np.float32):
   """(AutoencoderDC module, params) from a diffusers folder (or a SANA pipeline folder, whose
   vae/ is read) or a weights file beside its config.json.
 
-  Sizes come from config.json (else models.dcae.DCAE_F32C32), then from `overrides`. A missing
-  path raises FileNotFoundError naming config_key.
+  Sizes come from config.json (else models.dcae.DCAE_F32C32), then from `overrides`. variant:
+  diffusers' weights variant ('fp16', 'bf16': diffusion_pytorch_model.fp16.safetensors); None,
+  the plain file. A missing path raises FileNotFoundError naming config_key.
   """
   # pylint: disable-next=g-import-not-at-top
   from hierdistill.models.dcae import DCAE_F32C32, AutoencoderDC
@@ -151,10 +153,11 @@ def load_dcae(path: str, *, config_key: str = "config.vae.path", overrides=None,
   folder = path if os.path.isdir(path) else os.path.dirname(path)
   weights = path
   if os.path.isdir(path):
-    found = [os.path.join(path, n) for n in WEIGHT_FILES if os.path.isfile(os.path.join(path, n))]
+    names = [variant_name(n, variant) for n in WEIGHT_FILES]
+    found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
     if not found:
-      raise FileNotFoundError(f"{path} has none of {', '.join(WEIGHT_FILES)} (expected "
-                              f"{WHERE_PUBLISHED})")
+      raise FileNotFoundError(f"{path} has none of {', '.join(names)} (expected "
+                              f"{WHERE_PUBLISHED}; pass variant= for a variant's files)")
     weights = found[0]
   model = AutoencoderDC(**{**DCAE_F32C32, **read_config(folder), **(overrides or {})})
   return model, import_dcae(load_state_dict(weights), model, path=weights, dtype=dtype)

@@ -47,7 +47,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 from flax import traverse_util
@@ -312,8 +312,28 @@ def infer_original_fields(state_dict: Mapping[str, np.ndarray], path: str) -> Di
   return fields
 
 
-def _read_weights(folder: str) -> Tuple[Dict[str, np.ndarray], str]:
-  index = os.path.join(folder, INDEX_FILE)
+def variant_name(name: str, variant: Optional[str]) -> str:
+  """diffusers' file name of a weights variant: 'diffusion_pytorch_model.fp16.safetensors',
+  'diffusion_pytorch_model.safetensors.index.fp16.json'."""
+  if variant is None:
+    return name
+  stem, ext = name.rsplit(".", 1)
+  return f"{stem}.{variant}.{ext}"
+
+
+def _variants_in(folder: str) -> List[str]:
+  found = set()
+  for name in os.listdir(folder):
+    if name.startswith("diffusion_pytorch_model."):
+      found |= set(name.split(".")[1:-1]) - {"safetensors", "bin", "index"}
+  return sorted(found)
+
+
+def _read_weights(folder: str, variant: Optional[str] = None
+                  ) -> Tuple[Dict[str, np.ndarray], str]:
+  """The state dict of a diffusers folder (one file or the shards its index lists)."""
+  names = [variant_name(n, variant) for n in (INDEX_FILE,) + WEIGHT_FILES]
+  index = os.path.join(folder, names[0])
   if os.path.isfile(index):
     with open(index) as f:
       shards = sorted(set(json.load(f)["weight_map"].values()))
@@ -321,19 +341,25 @@ def _read_weights(folder: str) -> Tuple[Dict[str, np.ndarray], str]:
     for shard in shards:
       state_dict.update(load_state_dict(os.path.join(folder, shard)))
     return state_dict, index
-  for name in WEIGHT_FILES:
+  for name in names[1:]:
     if os.path.isfile(os.path.join(folder, name)):
       return load_state_dict(os.path.join(folder, name)), os.path.join(folder, name)
-  raise FileNotFoundError(f"{folder} has none of {', '.join(WEIGHT_FILES + (INDEX_FILE,))} "
-                          f"(expected {WHERE_PUBLISHED['diffusers']})")
+  hint = ""
+  variants = _variants_in(folder)
+  if variants:
+    hint = f"; it holds the variants {variants}: pass variant={variants[0]!r}"
+  raise FileNotFoundError(f"{folder} has none of {', '.join(names)}{hint} (expected "
+                          f"{WHERE_PUBLISHED['diffusers']})")
 
 
 def load_sana(path: str, *, config_key: str = "config.model.checkpoint",
-              overrides: Optional[Mapping[str, Any]] = None, dtype=np.float32):
+              overrides: Optional[Mapping[str, Any]] = None, variant: Optional[str] = None,
+              dtype=np.float32):
   """(SanaTransformer teacher, params) from a diffusers folder or an NVlabs .pth file.
 
   path: a diffusers pipeline folder (its transformer/ is read), a transformer/ folder, or a
-  .pth. overrides: extra model fields (dtype, remat, feature_layers; for a .pth of unpublished
+  .pth. variant: diffusers' weights variant of the folder ('fp16', 'bf16'; None: the plain
+  files). overrides: extra model fields (dtype, remat, feature_layers; for a .pth of unpublished
   size also num_heads and cross_num_heads). A missing path raises naming config_key.
   """
   from hierdistill.models.sana import SanaTransformer  # pylint: disable=g-import-not-at-top
@@ -347,7 +373,7 @@ def load_sana(path: str, *, config_key: str = "config.model.checkpoint",
       raise FileNotFoundError(f"{config_key}={path!r} has no config.json (expected "
                               f"{WHERE_PUBLISHED['diffusers']})")
     fields, layout = read_config(folder), "diffusers"
-    state_dict, source = _read_weights(folder)
+    state_dict, source = _read_weights(folder, variant)
   else:
     state_dict = load_state_dict(path, prefer=("state_dict", "ema", "model"))
     fields, layout, source = infer_original_fields(state_dict, path), "original", path
