@@ -15,10 +15,14 @@ Where each default comes from: [METHOD] ../shared/METHOD.md (the project's metho
 [SiT] Ma et al. 2024 and its repository, [DiT] Peebles & Xie 2023, [MeanFlow] Geng et al. 2025,
 [DMD2] Yin et al. 2024, [ADM] Dhariwal & Nichol 2021's evaluation suite, [ours] our choice.
 
-Variants (the arg after the colon):
+Variants (the arg after the colon; the teachers are compared in docs/imagenet.md):
   runlocal  the whole chain, evaluation included, on a CPU in minutes: mock ImageNet
             (tfds.testing.mock_data), a tiny VAE, DiT and Inception with random weights, a
             teacher trained for a few steps in place of SiT-XL/2. Its numbers mean nothing.
+  repa      REPA's SiT-XL/2 (sihyun-yu/REPA, last.pt) as the teacher, with REPA's guidance:
+            scale 1.8 for t <= 0.7 only, all four channels [REPA].
+  dit       DiT-XL/2 (DiT-XL-2-256x256.pt), a DDPM noise predictor read through the DDPM
+            adapter (models/ddpm.py), with DiT's guidance: 1.5 on 3 of 4 channels [DiT].
 """
 import ml_collections
 
@@ -62,6 +66,7 @@ def get_config(arg=None):
       name="dit", input_size=32, in_channels=4, patch_size=2,
       hidden_size=1152, depth=28, num_heads=16, mlp_ratio=4.0, num_classes=1000,
       class_dropout_prob=0.1, out_channels=8, time_scale=1.0, time_flip=True,
+      prediction="velocity",  # SiT's velocity, negated on import ('ddpm_noise' for DiT)
       # The student's new interval embedder reads 1000 (t - r), DiT's time resolution [ours].
       interval_scale=1000.0,
       feature_layers=(13, 20, 27),  # blocks the discriminator reads [ours]
@@ -73,7 +78,7 @@ def get_config(arg=None):
       # SiT-XL-2-256x256.pt (a published .pt is imported by convert/dit.py; a directory of
       # exported params is restored as for any run).
       init_checkpoint="",
-      checkpoint_kind="sit")  # 'sit' or 'dit': how to read a published file (convert/dit.py)
+      checkpoint_kind="sit")  # 'sit', 'repa' or 'dit': how to read a published file (convert/dit.py)
 
   c.trajectory.update(
       num_steps=200_000, batch_size=256,  # [MeanFlow] batch 256; length [ours]
@@ -121,10 +126,43 @@ def get_config(arg=None):
 
   if arg == "runlocal":
     _runlocal(c)
+  elif arg == "repa":
+    _repa(c)
+  elif arg == "dit":
+    _dit(c)
   elif arg:
-    raise ValueError(f"experiments/imagenet256.py: unknown variant {arg!r}; use 'runlocal' or "
-                     "nothing.")
+    raise ValueError(f"experiments/imagenet256.py: unknown variant {arg!r}; use 'runlocal', "
+                     "'repa', 'dit' or nothing.")
   return c
+
+
+def _repa(c):
+  """REPA's SiT-XL/2 (FID 1.42 in its README: 250 SDE steps, cfg 1.8, guidance interval
+  [0, 0.7]) on the same SD-VAE ft-EMA latents (generate.py: --vae ema, x 0.18215)."""
+  c.name = "imagenet256_repa"
+  # REPA's path is ours (t = 1 noise, v = e - x, t embedded in [0, 1]); no learn_sigma half.
+  c.model.update(out_channels=4, time_scale=1.0, time_flip=False, prediction="velocity")
+  c.teacher.update(checkpoint_kind="repa")  # last.pt; its projectors are dropped on import
+  # REPA's sampler (generate.py --cfg-scale 1.8 --guidance-high 0.7, guidance_low 0): guided
+  # only while t <= 0.7, on every channel (no forward_with_cfg split) [REPA]. 250 steps as its
+  # FID run; Euler ODE here where REPA's FID used its Euler-Maruyama SDE.
+  c.sample.update(cfg_scale=1.8, cfg_interval=(0.0, 0.7), guided_channels=None,
+                  teacher_steps=250)
+  # The distillation targets guide as the teacher's best sampler does [REPA; ours for HD].
+  c.trajectory.update(cfg_scale=1.8, cfg_interval=(0.0, 0.7))
+  c.distribution.update(cfg_scale=1.8, cfg_interval=(0.0, 0.7))
+
+
+def _dit(c):
+  """DiT-XL/2 (FID 2.27 in its README: 250 DDPM steps, cfg 1.5 on 3 of 4 channels)."""
+  c.name = "imagenet256_dit"
+  # A DDPM noise predictor (learn_sigma: 8 output channels) whose call returns our velocity
+  # through the DDPM adapter; its student is a velocity DiT (models/dit.student_of).
+  c.model.update(out_channels=8, prediction="ddpm_noise", time_scale=1.0, time_flip=False)
+  c.teacher.update(checkpoint_kind="dit")
+  # DiT's guidance (sample.py --cfg-scale 1.5, forward_with_cfg on 3 channels) [DiT]; its FID
+  # used 250 ancestral DDPM steps, this is 250 Euler steps of the adapted ODE.
+  c.sample.update(cfg_scale=1.5, guided_channels=3, teacher_steps=250)
 
 
 def _runlocal(c):

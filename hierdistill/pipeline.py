@@ -31,6 +31,7 @@ from hierdistill import sources
 from hierdistill import workdir as workdir_lib
 from hierdistill.config_checks import STAGE_ORDER, ConfigError, validate_config
 from hierdistill.evaluation import driver
+from hierdistill.models.dit import student_of
 from hierdistill.stages import loop
 from hierdistill.stages.distribution import DistributionStage
 from hierdistill.stages.teacher import TeacherStage
@@ -59,7 +60,8 @@ class Networks:
     except ValueError as e:
       raise ConfigError(str(e)) from None
     self.teacher = net.clone(interval_conditioning=False)
-    self.student = net.clone(interval_conditioning=True)
+    # A velocity model whatever the teacher predicts (models/dit.student_of).
+    self.student = student_of(self.teacher)
 
   def abstract_params(self, shape, student: bool):
     """Shapes of the teacher's or the student's params, allocating nothing."""
@@ -139,6 +141,8 @@ class Chain:
         raise ConfigError(f"config.teacher.init_checkpoint={init_checkpoint!r}: no such file; "
                           "point it to a published SiT/DiT checkpoint, or to a directory of "
                           "exported params.")
+      from hierdistill.convert import from_config  # pylint: disable=g-import-not-at-top
+      from_config.check_teacher_model(config, self.nets.teacher)
     elif init_checkpoint:
       ckpt_lib.check_params_fit(
           init_checkpoint, self.exported_shapes("teacher")[0],

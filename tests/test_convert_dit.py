@@ -142,15 +142,27 @@ def test_dit_import_matches_reference_noise_prediction(tmp_path):
   torch.save(ref.state_dict(), path)
   model = DiT(**TINY, **convert_dit.MODEL_FIELDS["dit"])
   params = convert_dit.load_dit_checkpoint(path, model, kind="dit")
-  z, _, y = _inputs()
+  z, t, y = _inputs()
+  # The network itself, read raw (the adapter off): DiT's noise prediction at DDPM steps s.
+  raw = model.clone(prediction="velocity", time_scale=1.0)
   s = np.array([0.0, 17.5, 400.0, 998.0, 999.0], np.float32)  # DDPM steps, fractional allowed
-  ours = jax.jit(lambda p, z, s, y: model.apply({"params": p}, z, None, s, y))(params, z, s, y)
+  ours = jax.jit(lambda p, z, s, y: raw.apply({"params": p}, z, None, s, y))(params, z, s, y)
+  eps_ref = lambda x, s: ref(torch.from_numpy(np.asarray(x, np.float32)).permute(0, 3, 1, 2),
+                             torch.from_numpy(np.asarray(s, np.float32)),
+                             torch.from_numpy(y).long())[:, :4].permute(0, 2, 3, 1).numpy()
   with torch.no_grad():
-    eps = ref(torch.from_numpy(z).permute(0, 3, 1, 2), torch.from_numpy(s),
-              torch.from_numpy(y).long()).numpy()
-  want = eps[:, :4].transpose(0, 2, 3, 1)
+    want = eps_ref(z, s)
   np.testing.assert_allclose(np.asarray(ours), want, atol=2e-5 * float(np.abs(want).max()),
                              rtol=1e-4)
+  # The teacher's call (prediction='ddpm_noise') is the DDPM adapter around it: our velocity
+  # v = (eps(x_s, s(t)) - z) / (1 - t), x_s = z / sqrt((1 - t)^2 + t^2), t at both ends.
+  v = jax.jit(lambda p, z, t, y: model.apply({"params": p}, z, None, t, y))(params, z, t, y)
+  s_t, scale, t_c = (np.asarray(a, np.float64) for a in convert_dit.ddpm_time_of(t))
+  with torch.no_grad():
+    eps = eps_ref(z * scale[:, None, None, None], s_t)
+  want = (eps - z) / (1 - t_c)[:, None, None, None]
+  np.testing.assert_allclose(np.asarray(v), want, atol=1e-4 * float(np.abs(want).max()),
+                             rtol=1e-3)
 
 
 @pytest.mark.torch

@@ -1,11 +1,14 @@
-"""Imports the official DiT and SiT PyTorch checkpoints into hierdistill's DiT params.
+"""Imports the official DiT, SiT and REPA PyTorch checkpoints into hierdistill's DiT params.
 
 Published files (state dicts of the EMA weights, 256x256 ImageNet, SD-VAE latents 32x32x4):
   SiT-XL-2-256x256.pt   SiT repository (willisma/SiT), "Sampling" section of its README
   DiT-XL-2-256x256.pt   DiT repository (facebookresearch/DiT), "Sampling" section of its README
-Training checkpoints of either repository ({'model', 'ema', 'opt', 'args'}) load too (EMA taken).
+  last.pt               REPA's SiT-XL/2 (sihyun-yu/REPA), the 4M-iteration checkpoint its
+                        generate.py downloads (utils.download_model) when no --ckpt is given
+Training checkpoints of these repositories ({'model', 'ema', 'opt', 'args', ...}) load too (EMA
+taken).
 
-Both use DiT's module tree (published key -> our path, torch weights (out, in) -> kernels
+All three use DiT's module tree (published key -> our path, torch weights (out, in) -> kernels
 (in, out)):
   pos_embed (1, N, D)                      fixed sin-cos table: not a param here, only checked
   x_embedder.proj.{weight (D, C, p, p), bias}           x_embedder/{kernel (p, p, C, D), bias}
@@ -16,8 +19,13 @@ Both use DiT's module tree (published key -> our path, torch weights (out, in) -
   blocks.{i}.mlp.{fc1,fc2}.{weight, bias}               blocks_{i}/mlp/{fc1,fc2}
   final_layer.adaLN_modulation.1.{weight, bias}         final_layer/adaLN_modulation
   final_layer.linear.{weight (p*p*2C, D), bias}         final_layer/linear (features (p, q, c))
-The label table has K + 1 rows when the model was trained with label dropout (both published
+The label table has K + 1 rows when the model was trained with label dropout (the published
 models were): row K is the null label, which is our convention too.
+REPA's SiT differs in two ways: no learn_sigma (final_layer/linear has p*p*C outputs, C = 4),
+and the alignment projectors `projectors.{j}.{0,2,4}.{weight, bias}` (Linear D -> P, SiLU,
+Linear P -> P, SiLU, Linear P -> z_j: the MLPs whose outputs at block encoder_depth are aligned
+with DINOv2 features in training). Sampling never reads them, so they are dropped on purpose,
+after checking that they are exactly such MLPs reading width D; every other key is used.
 
 Conventions (METHOD.md): ours is z_t = (1 - t) x + t e, v = e - x, t = 1 noise.
 - SiT: x_t' = t' x + (1 - t') e, t' = 0 noise, velocity x - e, embeds t' in [0, 1]. With
@@ -25,32 +33,46 @@ Conventions (METHOD.md): ours is z_t = (1 - t) x + t e, v = e - x, t = 1 noise.
   time_scale=1, time_flip=True (it embeds 1 - t), and the importer negates the prediction half of
   final_layer/linear (a linear map: -W h - b = -(W h + b) exactly):
       v(z, t | y) = -SiT(z, 1 - t, y)[:C].
+- REPA: its linear path is ours (alpha_t = 1 - t, sigma_t = t, t = 1 noise, target e - x, t
+  embedded in [0, 1]): time_scale=1, time_flip=False, weights unchanged.
 - DiT: a DDPM noise predictor over discrete s in [0, 1000) on the VP path
-  x_s = sqrt(abar_s) x + sqrt(1 - abar_s) e. Its params import unchanged (time_scale=1,
-  time_flip=False: the network then embeds the s it is handed); `ddpm_velocity` turns its noise
-  prediction into our velocity by matching noise-to-signal ratios.
+  x_s = sqrt(abar_s) x + sqrt(1 - abar_s) e. Its params import unchanged into a model with
+  prediction='ddpm_noise', whose call is the DDPM adapter (models/ddpm.py): it embeds the step s
+  whose noise-to-signal ratio is t / (1 - t), scales z_t to x_s, and returns our velocity
+  v = (eps - z) / (1 - t). Every place the chain calls the teacher (stage-1 targets, the real
+  score, the fake network, samplers, eval) therefore reads a velocity.
 """
 from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 from flax import traverse_util
 
 from hierdistill.convert.torch_files import load_state_dict
+# DiT's noise prediction read as our velocity (the model's prediction='ddpm_noise' uses it).
+from hierdistill.models.ddpm import (ddpm_alphas_cumprod, ddpm_time_of,  # pylint: disable=unused-import
+                                    ddpm_velocity)
 
 WHERE_PUBLISHED = {
     "sit": "SiT-XL-2-256x256.pt, linked from the SiT repository's README (willisma/SiT)",
     "dit": "DiT-XL-2-256x256.pt, linked from the DiT repository's README (facebookresearch/DiT)",
+    "repa": ("last.pt (REPA's SiT-XL/2, 4M iterations), downloaded by generate.py of the REPA "
+             "repository (sihyun-yu/REPA) when --ckpt is not given"),
 }
 # How each kind's time reaches the embedder, and its output layout ("learn_sigma"): the model
 # fields an experiment must set for the import to be exact.
 MODEL_FIELDS = {
-    "sit": dict(time_scale=1.0, time_flip=True),
-    "dit": dict(time_scale=1.0, time_flip=False),
+    "sit": dict(time_scale=1.0, time_flip=True, prediction="velocity"),
+    # DiT's embedder reads the DDPM step s(t) itself (models/ddpm.py): time_scale/flip unused.
+    "dit": dict(prediction="ddpm_noise"),
+    "repa": dict(time_scale=1.0, time_flip=False, prediction="velocity"),
 }
+# The alignment projectors of a REPA checkpoint: projectors.{j}.{0,2,4}.{weight,bias}.
+_PROJECTOR_KEY = re.compile(r"^projectors\.(\d+)\.([024])\.(weight|bias)$")
 KINDS = tuple(MODEL_FIELDS)
 
 
@@ -148,6 +170,8 @@ def import_dit(state_dict: Dict[str, np.ndarray], model, *, kind: str = "sit",
   if model.interval_conditioning:
     raise ValueError("import_dit builds a teacher: pass a model with interval_conditioning="
                      "False (a student is then made by init_student_from_teacher)")
+  if kind == "repa":
+    state_dict = drop_projectors(state_dict, model.hidden_size, path)
   expected = _layout_of_model(model)
   emb_key = "y_embedder.embedding_table.weight"
   if emb_key in state_dict and state_dict[emb_key].shape[0] == model.num_classes:
@@ -159,8 +183,10 @@ def import_dit(state_dict: Dict[str, np.ndarray], model, *, kind: str = "sit",
     raise _error(f"missing key {missing[0]!r} ({len(missing)} missing in all)", path, kind)
   unexpected = [k for k in state_dict if k not in expected]
   if unexpected:
-    raise _error(f"unexpected key {unexpected[0]!r} ({len(unexpected)} in all; is the model "
-                 f"depth {model.depth}?)", path, kind)
+    hint = (f"is the model depth {model.depth}?" if not _PROJECTOR_KEY.match(unexpected[0])
+            else "a REPA checkpoint: set config.teacher.checkpoint_kind='repa'")
+    raise _error(f"unexpected key {unexpected[0]!r} ({len(unexpected)} in all; {hint})",
+                 path, kind)
   for key, shape in expected.items():
     if tuple(state_dict[key].shape) != shape:
       raise _error(f"{key} has shape {tuple(state_dict[key].shape)}, the model expects {shape} "
@@ -189,6 +215,41 @@ def import_dit(state_dict: Dict[str, np.ndarray], model, *, kind: str = "sit",
   return traverse_util.unflatten_dict({k: v.astype(dtype) for k, v in flat.items()})
 
 
+def drop_projectors(state_dict: Dict[str, np.ndarray], hidden_size: int,
+                    path: str = "<state dict>") -> Dict[str, np.ndarray]:
+  """The state dict without REPA's alignment projectors, after checking that each one is the
+  MLP REPA trains (Linear D -> P, SiLU, Linear P -> P, SiLU, Linear P -> z): a key of another
+  shape is not dropped silently but raises naming it."""
+  kept, projectors = {}, {}
+  for key, value in state_dict.items():
+    match = _PROJECTOR_KEY.match(key)
+    if match:
+      projectors.setdefault(int(match.group(1)), {})[(match.group(2), match.group(3))] = value
+    elif key.startswith("projectors."):
+      raise _error(f"unexpected key {key!r} (a REPA projector is Linear, SiLU, Linear, SiLU, "
+                   "Linear: keys projectors.{j}.{0,2,4}.{weight,bias})", path, "repa")
+    else:
+      kept[key] = value
+  if not projectors:
+    raise _error("no projectors.* keys: not a REPA checkpoint (a SiT file: set "
+                 "config.teacher.checkpoint_kind='sit')", path, "repa")
+  for j, proj in sorted(projectors.items()):
+    p_dim = proj.get(("0", "weight"), np.zeros((0, 0))).shape[0]
+    z_dim = proj.get(("4", "weight"), np.zeros((0, 0))).shape[0]
+    want = {("0", "weight"): (p_dim, hidden_size), ("0", "bias"): (p_dim,),
+            ("2", "weight"): (p_dim, p_dim), ("2", "bias"): (p_dim,),
+            ("4", "weight"): (z_dim, p_dim), ("4", "bias"): (z_dim,)}
+    for (layer, leaf), shape in want.items():
+      got = proj.get((layer, leaf))
+      key = f"projectors.{j}.{layer}.{leaf}"
+      if got is None:
+        raise _error(f"missing key {key!r} of projector {j}", path, "repa")
+      if tuple(got.shape) != shape:
+        raise _error(f"{key} has shape {tuple(got.shape)}, expected {shape} (projector {j} reads "
+                     f"the width {hidden_size} of the blocks)", path, "repa")
+  return kept
+
+
 def _negate_prediction(flat, patch: int, out_channels: int, in_channels: int) -> None:
   """SiT predicts x - e, we predict e - x: flip the sign of the first in_channels outputs of
   every patch position (features ordered (p, q, c)); the learn-sigma half is left as it is."""
@@ -207,53 +268,6 @@ def load_dit_checkpoint(path: str, model, *, kind: str = "sit", config_key: str 
         f"{config_key or 'teacher checkpoint'}={path!r}: no such file; expected "
         f"{WHERE_PUBLISHED[kind] if kind in WHERE_PUBLISHED else 'a DiT/SiT .pt'}")
   return import_dit(load_state_dict(path), model, kind=kind, path=path, dtype=dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# DiT's DDPM noise prediction as a velocity on our path.
-
-
-def ddpm_alphas_cumprod(num_steps: int = 1000, beta_start: float = 1e-4,
-                        beta_end: float = 0.02) -> np.ndarray:
-  """abar_s, s = 0 .. num_steps - 1, of DiT's linear beta schedule (ADM's 'linear', 1000 steps)."""
-  betas = np.linspace(beta_start, beta_end, num_steps, dtype=np.float64)
-  return np.cumprod(1.0 - betas)
-
-
-def ddpm_time_of(t, alphas_cumprod: np.ndarray):
-  """(s, scale, t_clipped): the fractional DDPM step s whose noise-to-signal ratio
-  sqrt((1 - abar_s) / abar_s) equals t / (1 - t), and the input scale sqrt(abar_s) / (1 - t) so
-  that x_s = scale * z_t. t is clipped to [t(0), t(S - 1)], the range the model was trained on
-  (t(999) ~ 0.994 for DiT). s is interpolated linearly in log noise-to-signal between integer
-  steps (DiT's embedder takes fractional steps). Works on numpy and jax arrays alike.
-  """
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  abar = np.asarray(alphas_cumprod, np.float64)
-  log_nsr = 0.5 * (np.log1p(-abar) - np.log(abar))  # increasing in s
-  t_lo = 1.0 / (1.0 + np.exp(-log_nsr[0]))
-  t_hi = 1.0 / (1.0 + np.exp(-log_nsr[-1]))
-  t = jnp.clip(jnp.asarray(t, jnp.float32), t_lo, t_hi)
-  target = jnp.log(t) - jnp.log1p(-t)
-  s = jnp.interp(target, jnp.asarray(log_nsr, jnp.float32),
-                 jnp.arange(len(abar), dtype=jnp.float32))
-  # sqrt(abar) / (1 - t) with abar = (1 - t)^2 / ((1 - t)^2 + t^2): 1 / sqrt((1 - t)^2 + t^2).
-  scale = 1.0 / jnp.sqrt((1.0 - t) ** 2 + t ** 2)
-  return s, scale, t
-
-
-def ddpm_velocity(eps_fn: Callable, z, t, y, alphas_cumprod: Optional[np.ndarray] = None):
-  """Our velocity v(z, t | y) = e - x from a DDPM noise predictor eps_fn(x_s, s, y).
-
-  z_t = (1 - t) x + t e and x_s = sqrt(abar_s) x + sqrt(1 - abar_s) e are the same point up to
-  the scale sqrt(abar_s) / (1 - t) once t / (1 - t) = sqrt((1 - abar_s) / abar_s). With
-  eps = eps_fn(x_s, s, y): x = (z - t eps) / (1 - t), so v = eps - x = (eps - z) / (1 - t).
-  z: (B, H, W, C); t: (B,); t is clipped to the trained range (see ddpm_time_of).
-  """
-  abar = ddpm_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
-  s, scale, t_c = ddpm_time_of(t, abar)
-  expand = lambda a: a.reshape((-1,) + (1,) * (z.ndim - 1))
-  eps = eps_fn(z * expand(scale), s, y)
-  return (eps - z) / expand(1.0 - t_c)
 
 
 def param_count(layout: Dict[str, Tuple[int, ...]]) -> int:

@@ -110,6 +110,21 @@ def random_vae_params(model, seed: int = 0) -> Dict[str, Any]:
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
+def check_teacher_model(config, model) -> None:
+  """Raises ConfigError (one line naming the key) when config.teacher.checkpoint_kind is
+  unknown or config.model would read the published file with the wrong conventions (time
+  mapping, prediction): checked before anything compiles."""
+  from hierdistill.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
+  kind = config.teacher.get("checkpoint_kind", "sit")
+  if kind not in convert_dit.KINDS:
+    raise ConfigError(f"config.teacher.checkpoint_kind={kind!r}; choose from "
+                      f"{convert_dit.KINDS} (convert/dit.py)")
+  try:
+    convert_dit.check_model_fields(model, kind)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
 def load_teacher(config, model) -> Dict[str, Any]:
   """The imported teacher's params (nested numpy dict) for `model` (the run's teacher DiT)."""
   return convert_dit.load_dit_checkpoint(

@@ -40,6 +40,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from hierdistill import sharding
+from hierdistill.models import ddpm
 from hierdistill.models.embeddings import (Dense, LabelEmbedder, TimestepEmbedder,
                                           accumulation_dtype, interval_of, to_float)
 
@@ -56,6 +57,9 @@ DIT_SIZES: Dict[str, Dict[str, int]] = {
 _SIZE_NAME = re.compile(r"^(?:(?:dit|sit)-)?(s|b|l|xl)(?:/(\d+))?$", re.IGNORECASE)
 
 ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "auto")
+# What the final layer predicts: our velocity e - x, or DiT's DDPM noise (read through the DDPM
+# adapter of models/ddpm.py, so that the call still returns our velocity).
+PREDICTIONS = ("velocity", "ddpm_noise")
 
 # DiT's initialisers: xavier-uniform Linear kernels with zero bias.
 _XAVIER = nn.initializers.xavier_uniform()
@@ -285,6 +289,11 @@ class DiT(nn.Module):
     attention: 'einsum' (default, JVP-safe), 'xla' or 'auto' (see Attention).
     dtype: compute dtype of the matmuls (e.g. jnp.bfloat16); param_dtype: storage dtype.
     time_scale, time_flip: how t reaches the time embedder (see `time_embedding_input`).
+    prediction: 'velocity' (ours; SiT's after the importer's sign flip), or 'ddpm_noise': the
+      network is a DDPM noise predictor eps(x_s, s | c) (a published DiT) and the call returns
+      our velocity through the DDPM adapter (models/ddpm.py): the input is scaled to x_s, the
+      embedder reads the DDPM step s(t) (time_scale, time_flip unused), and
+      v = (eps - z) / (1 - t). Teachers only: a student is a velocity model (`student_of`).
     interval_scale: the interval embedder reads interval_scale * (t - r).
     frequency_size: number of sinusoidal features of the time/interval embedders (DiT: 256).
   """
@@ -308,6 +317,7 @@ class DiT(nn.Module):
   param_dtype: Dtype = jnp.float32
   time_scale: float = 1000.0
   time_flip: bool = False
+  prediction: str = "velocity"
   interval_scale: float = 1000.0
   frequency_size: int = 256
 
@@ -338,8 +348,11 @@ class DiT(nn.Module):
 
     DiT: 1000 t (time_scale=1000). SiT embeds its own t' = 1 - t in [0, 1]: time_scale=1.0,
     time_flip=True. (SiT's velocity x - e is the negative of ours: an importer negates
-    final_layer/linear, not this mapping.)
+    final_layer/linear, not this mapping.) A DDPM noise predictor (prediction='ddpm_noise')
+    embeds the DDPM step s(t) whose noise-to-signal ratio is ours (models/ddpm.py).
     """
+    if self.prediction == "ddpm_noise":
+      return ddpm.ddpm_time_of(t)[0]
     t = to_float(t)
     return self.time_scale * ((1.0 - t) if self.time_flip else t)
 
@@ -354,6 +367,11 @@ class DiT(nn.Module):
       raise ValueError(f"out_channels={self.out_channels} < in_channels={self.in_channels}.")
     if self.attention not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"attention={self.attention!r}; valid: {ATTENTION_IMPLEMENTATIONS}.")
+    if self.prediction not in PREDICTIONS:
+      raise ValueError(f"prediction={self.prediction!r}; valid: {PREDICTIONS}.")
+    if self.prediction != "velocity" and self.interval_conditioning:
+      raise ValueError(f"prediction={self.prediction!r} is a teacher's output (a published "
+                       "DiT); a student is a velocity model: build it with student_of(teacher).")
     expected = (self.input_size, self.input_size, self.in_channels)
     if z.ndim != 4 or tuple(z.shape[1:]) != expected:
       raise ValueError(f"DiT expects z of shape (B, {expected[0]}, {expected[1]}, "
@@ -411,9 +429,13 @@ class DiT(nn.Module):
     emb, tokens, mask = self.conditioning(r, t, c, train)
     p, g, d = self.patch_size, self.grid_size, self.hidden_size
 
+    z_in = z
+    if self.prediction == "ddpm_noise":  # the DDPM point x_s = sqrt(abar_s) / (1 - t) z_t
+      _, scale, t_clipped = ddpm.ddpm_time_of(t)
+      z_in = z * scale.reshape(-1, 1, 1, 1).astype(z.dtype)
     x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", kernel_init=_PATCH_INIT,
                 bias_init=_ZEROS, dtype=self.dtype, param_dtype=self.param_dtype,
-                name="x_embedder")(z)
+                name="x_embedder")(z_in)
     # The patch conv is a dot over (p, p, C) with a sharded kernel, like the Dense layers.
     x = sharding.constrain_batch(x.reshape(z.shape[0], g * g, d).astype(acc))
     x = x + jnp.asarray(sincos_pos_embed_2d(d, g), acc)[None]
@@ -432,6 +454,8 @@ class DiT(nn.Module):
     out = FinalLayer(d, p, c_out, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="final_layer")(x, emb)
     velocity = unpatchify(out, p, c_out)[..., :self.in_channels].astype(acc)
+    if self.prediction == "ddpm_noise":  # eps -> v = (eps - z) / (1 - t) (models/ddpm.py)
+      velocity = (velocity - z.astype(acc)) / (1.0 - t_clipped.astype(acc)).reshape(-1, 1, 1, 1)
     if not return_features:
       return velocity
     return velocity, [outputs[i] for i in wanted]
@@ -467,6 +491,23 @@ def unpatchify(x: Array, patch_size: int, channels: int) -> Array:
   x = x.reshape(b, g, g, patch_size, patch_size, channels)
   x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))  # (B, row, p, col, q, C)
   return x.reshape(b, g * patch_size, g * patch_size, channels)
+
+
+def student_of(teacher: nn.Module) -> nn.Module:
+  """The student network of a teacher network: the same architecture plus the interval
+  embedder (interval_conditioning=True).
+
+  A student is a velocity model in our convention whatever the teacher predicts: for a DiT
+  noise predictor (prediction='ddpm_noise') it is a velocity DiT embedding 1000 t (DiT's time
+  resolution). Its weights still start as the teacher's (init_student_from_teacher), but not
+  its function: the DDPM adapter's 1 / (1 - t) is unbounded at t = 1, where the one-step
+  student is evaluated, so the adapter cannot be kept; stage 1 re-learns the output from the
+  teacher's trunk. (With a velocity teacher, SiT, u(z, r, t | c) == v(z, t | c) at step 0.)
+  """
+  fields = dict(interval_conditioning=True)
+  if getattr(teacher, "prediction", "velocity") != "velocity":
+    fields.update(prediction="velocity", time_scale=1000.0, time_flip=False)
+  return teacher.clone(**fields)
 
 
 def _path_str(path: Sequence[str]) -> str:
