@@ -221,3 +221,15 @@ def test_the_frozen_encoder_is_deterministic_and_separates_words():
   assert a["embeddings"].shape == (2, text_lib.MAX_TOKENS, text_lib.ENCODER_WIDTH)
   assert float(np.abs(a["embeddings"][0] - a["embeddings"][1]).max()) > 0.1
   assert float(np.abs(a["embeddings"][:, 5:]).max()) == 0.0  # padding is zero
+
+
+def test_captioned_grid_puts_one_caption_under_each_row(tmp_path):
+  from hierdistill.evaluation import grids
+  images = -np.ones((5, 8, 8, 1), np.float32)
+  one = grids.save_captioned_grid(images[:2], ["a"] * 2, str(tmp_path / "one.png"))
+  two = grids.save_captioned_grid(images, ["a", "a", "b", "b", "b"], str(tmp_path / "two.png"))
+  assert two.shape[0] == 2 * one.shape[0]  # two captions, two rows
+  wrapped = grids.save_captioned_grid(images, ["a"] * 5, str(tmp_path / "w.png"), max_columns=2)
+  assert wrapped.shape[0] == 3 * one.shape[0]  # one caption wrapped after 2 columns
+  with pytest.raises(ValueError, match="5 images need 5 captions"):
+    grids.save_captioned_grid(images, ["a"], str(tmp_path / "x.png"))

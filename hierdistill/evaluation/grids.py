@@ -116,32 +116,35 @@ def scatter_png(points_list, colors, path: str, **kwargs) -> np.ndarray:
   return image
 
 
-def save_captioned_grid(images, captions, path: str, columns: int) -> np.ndarray:
-  """Images in [-1, 1] (NHWC) in rows of `columns`, each row's caption printed under it.
+def save_captioned_grid(images, captions, path: str, max_columns: int = 12) -> np.ndarray:
+  """Images in [-1, 1] (NHWC), one caption each: consecutive images with the same caption form
+  a row (wrapped after max_columns), the caption printed under it.
 
-  captions: one string per row. Pillow's built-in bitmap font, so no font file is needed.
-  Returns the RGB uint8 array written.
+  Pillow's built-in bitmap font, so no font file is needed. Returns the RGB uint8 array written.
   """
   images = np.asarray(images)
-  rows = int(math.ceil(len(images) / columns))
-  if len(captions) < rows:
-    raise ValueError(f"{rows} rows of {columns} images need {rows} captions; got "
-                     f"{len(captions)}.")
+  if len(captions) != len(images):
+    raise ValueError(f"{len(images)} images need {len(images)} captions; got {len(captions)}.")
+  rows = []  # (first index, end index, caption)
+  for i, text in enumerate(captions):
+    if rows and rows[-1][2] == text and rows[-1][1] - rows[-1][0] < max_columns:
+      rows[-1] = (rows[-1][0], i + 1, text)
+    else:
+      rows.append((i, i + 1, text))
   font = ImageFont.load_default()
   line = 14  # pixels of caption under each row
-  tiles = [image_grid(images[r * columns:(r + 1) * columns], nrow=columns)
-           for r in range(rows)]
-  width = max([t.shape[1] for t in tiles] +
-              [int(font.getlength(text)) + 8 for text in captions[:rows]])
+  upscale = max(1, math.ceil(32 / max(images.shape[1:3])))
+  tiles = [image_grid(images[a:b], nrow=b - a, upscale=upscale) for a, b, _ in rows]
+  width = max([t.shape[1] for t in tiles] + [int(font.getlength(text)) + 8 for *_, text in rows])
   canvas = Image.new("RGB", (width, sum(t.shape[0] + line for t in tiles)), "white")
   draw = ImageDraw.Draw(canvas)
   y = 0
-  for tile, text in zip(tiles, captions):
+  for tile, (*_, text) in zip(tiles, rows):
     rgb = tile if tile.shape[-1] == 3 else np.repeat(tile[..., :1], 3, axis=-1)
     canvas.paste(Image.fromarray(rgb), (0, y))
     y += tile.shape[0]
     draw.text((4, y + 1), text, fill="black", font=font)
     y += line
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  canvas.save(path)
+  canvas.save(path, format="PNG")
   return np.asarray(canvas)
