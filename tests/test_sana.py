@@ -67,8 +67,8 @@ def test_sana_config_names_and_registry():
 
 
 # Measured with jax.eval_shape; diffusers' SanaTransformer2DModel at the published configs holds
-# the same numbers (test_param_counts_match_diffusers). NVlabs' README states 1648.48M for the
-# 1.6B: its .pth also holds y_embedding (300 x 2304) and pos_embed, which neither model has.
+# the same numbers (test_param_counts_match_diffusers). NVlabs' code comment "1648.48M" beside
+# the 1.6B is not reproduced by either (docs/t2i.md).
 PUBLISHED_COUNTS = {("0.6B", False): 591_747_872, ("1.6B", False): 1_604_462_752,
                     ("0.6B", True): 591_876_896, ("1.6B", True): 1_604_641_952}
 
