@@ -17,10 +17,11 @@ from flax import linen as nn
 
 from hierdistill.models.awd import POOLINGS, TokenDiscriminatorHead
 from hierdistill.models.dit import DiT, dit_config
+from hierdistill.models.lightningdit import LightningDiT
 from hierdistill.models.mlp import MLPFlow
 from hierdistill.models.sana import SanaTransformer
 
-MODELS = {"dit": DiT, "mlp": MLPFlow, "sana": SanaTransformer}
+MODELS = {"dit": DiT, "lightningdit": LightningDiT, "mlp": MLPFlow, "sana": SanaTransformer}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
           "float64": jnp.float64}
 _DTYPE_KEYS = ("dtype", "param_dtype")
