@@ -21,7 +21,7 @@ from hierdistill.models.lightningdit import LightningDiT
 from hierdistill.models.mlp import MLPFlow
 from hierdistill.models.sana import SanaTransformer
 
-MODELS = {"dit": DiT, "lightningdit": LightningDiT, "mlp": MLPFlow, "sana": SanaTransformer}
+MODELS = {"dit": DiT, "mlp": MLPFlow, "sana": SanaTransformer, "lightningdit": LightningDiT}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
           "float64": jnp.float64}
 _DTYPE_KEYS = ("dtype", "param_dtype")
