@@ -117,7 +117,7 @@ class Chain:
     if replace:
       workdir_lib.move_aside(workdir)
     self.grid = self.source.grid()
-    os.makedirs(workdir, exist_ok=True)
+    workdir_lib.make_workdir(workdir)
     workdir_lib.write_config(config, workdir)
     self.writer = writer or _make_writer(workdir)
     self._teacher = None

@@ -107,6 +107,13 @@ def check_batch_size(batch_size: int, mesh: Mesh, key: str) -> None:
                       f"use a multiple of {n}.")
 
 
+def padded_batch_size(batch_size: int, mesh: Mesh) -> int:
+  """The smallest multiple of the mesh's device count that holds batch_size rows (an eval
+  batch, padded rather than refused; the padding is trimmed by the caller)."""
+  n = mesh.devices.size
+  return -(-int(batch_size) // n) * n
+
+
 def put_batch(local_batch, mesh: Mesh):
   """Global arrays from each process's slice of the batch (its rows of the leading axis)."""
   sharding = batch_sharding(mesh)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from typing import Any
 
@@ -27,7 +28,13 @@ FREE_STAGE_KEYS = ("log_every", "checkpoint_every", "keep")
 
 
 def check_writable(workdir: str) -> None:
-  """ConfigError unless workdir exists as a writable directory or can be created as one."""
+  """ConfigError unless workdir exists as a writable directory or can be created as one.
+
+  Tried, not inferred from permission bits: root ignores those, yet cannot write to an immutable
+  directory (chattr +i), a read-only mount or a full disk. The probe is a temporary directory
+  made and removed in workdir, or in its nearest existing ancestor when workdir does not exist
+  yet; nothing is left behind.
+  """
   path = os.path.abspath(workdir)
   probe = path
   while not os.path.exists(probe):
@@ -35,9 +42,22 @@ def check_writable(workdir: str) -> None:
   if not os.path.isdir(probe):
     raise ConfigError(f"workdir {workdir} cannot be created: {probe} is a file, not a "
                       "directory; choose another --workdir.")
-  if not os.access(probe, os.W_OK | os.X_OK):
-    raise ConfigError(f"workdir {workdir} is not writable ({probe}: permission denied); choose a "
-                      "--workdir you can write to.")
+  try:
+    with tempfile.TemporaryDirectory(prefix=".hierdistill-probe-", dir=probe):
+      pass
+  except OSError as e:
+    reason = (e.strerror or type(e).__name__).lower()
+    raise ConfigError(f"workdir {workdir} is not writable ({probe}: {reason}); choose a "
+                      "--workdir you can write to.") from None
+
+
+def make_workdir(workdir: str) -> None:
+  """Creates workdir; a failure (a race with the probe, a disk gone read-only) is one line."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"workdir {workdir} cannot be created ({(e.strerror or str(e)).lower()}); "
+                      "choose a --workdir you can write to.") from None
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -276,3 +276,26 @@ def test_workdir_of_a_different_config(tmp_path, data_dir):
   assert os.path.isdir(tmp_path / moved[0] / "teacher" / "checkpoints" / "9")
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["model"]["depth"] == 3
+
+
+def test_workdir_that_even_root_cannot_write(tmp_path, data_dir):
+  """Write permission is tried, not read from the permission bits (which root ignores): an
+  immutable directory (chattr +i) refuses root too, and is one line before anything starts."""
+  locked = tmp_path / "immutable"
+  locked.mkdir()
+  if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
+    pytest.skip("chattr +i is not available here (needs root on a filesystem that has it)")
+  try:
+    rejects(tiny_config(data_dir), locked / "run", r"^workdir .*immutable/run is not writable "
+            r"\(.*immutable: operation not permitted\); choose a --workdir you can write to\.$")
+    rejects(tiny_config(data_dir), locked, r"^workdir .*immutable is not writable")
+  finally:
+    subprocess.run(["chattr", "-i", str(locked)], check=True)
+
+
+def test_workdir_where_the_permission_bits_lie(tmp_path, data_dir):
+  """sysfs: os.access says root may write to /sys, yet it refuses to make a directory there."""
+  if not (os.path.isdir("/sys") and os.access("/sys", os.W_OK)):
+    pytest.skip("no /sys that the permission bits call writable")
+  rejects(tiny_config(data_dir), "/sys/hierdistill_run", r"^workdir /sys/hierdistill_run is not "
+          r"writable \(/sys: .*\); choose a --workdir you can write to\.$")

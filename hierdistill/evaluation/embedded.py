@@ -27,17 +27,20 @@ def generate(sample_fn, params, conditions: Any, batch_size: int, shape, key, me
 
   Sample i's noise depends only on i and key (batch `start` draws from fold_in(key, start)), so
   every row of the eval table sees the same noise. The last batch is padded by cycling its own
-  rows and trimmed.
+  rows and trimmed; every batch is padded the same way to a multiple of the mesh's devices (so
+  any batch_size runs on any mesh, with the same samples).
   """
   num_samples = cond_lib.batch_size_of(conditions)
   batch = shard_lib.batch_sharding(mesh)
+  padded = shard_lib.padded_batch_size(batch_size, mesh)
   fn = jax.jit(sample_fn, in_shardings=(None, batch, batch),
                out_shardings=shard_lib.replicated(mesh))
   out = []
   for start in range(0, num_samples, batch_size):
     n = min(batch_size, num_samples - start)
     noise = jax.random.normal(jax.random.fold_in(key, start), (batch_size,) + tuple(shape))
-    rows = np.resize(np.arange(start, start + n), batch_size)
+    noise = jnp.asarray(np.resize(np.asarray(noise)[:n], (padded,) + tuple(shape)))
+    rows = np.resize(np.arange(start, start + n), padded)
     c = jax.tree.map(jnp.asarray, cond_lib.take_rows(conditions, rows))
     out.append(np.asarray(jax.device_get(fn(params, noise, c)))[:n])
   return np.concatenate(out)

@@ -73,8 +73,8 @@ class ImageNetScorer:
     rep = shard_lib.replicated(mesh)
     self.vae_params = jax.device_put(vae_params, rep)
     self.inception_params = jax.device_put(inception_params, rep)
-    self.batch_size = int(batch_size)
-    shard_lib.check_batch_size(self.batch_size, mesh, "config.vae.batch_size")
+    # Rounded up to a multiple of the devices rather than refused (the extra rows are trimmed).
+    self.batch_size = shard_lib.padded_batch_size(int(batch_size), mesh)
     self.random_inception = random_inception
     self.is_split_size, self.pr_k = int(is_split_size), int(pr_k)
     self.fd_name = "FD-random-inception" if random_inception else "FID"
