@@ -25,6 +25,7 @@ import numpy as np
 from hierdistill import checkpoint as ckpt_lib
 from hierdistill import conditions as cond_lib
 from hierdistill import config_checks
+from hierdistill import event_writer
 from hierdistill import models as models_lib
 from hierdistill import sharding as shard_lib
 from hierdistill import sources
@@ -33,6 +34,7 @@ from hierdistill.config_checks import STAGE_ORDER, ConfigError, validate_config
 from hierdistill.evaluation import driver
 from hierdistill.models.dit import student_of
 from hierdistill.stages import loop
+from hierdistill.stages import progress as progress_lib
 from hierdistill.stages.distribution import DistributionStage
 from hierdistill.stages.teacher import TeacherStage
 from hierdistill.stages.trajectory import TrajectoryStage
@@ -89,8 +91,9 @@ def build_stage(name: str, config, nets: Networks):
 class Chain:
   """One run of the chain under a workdir: its mesh, data, networks and stage handoffs.
 
-  devices: the devices to build the mesh over (default all); writer: a clu metric writer
-  (default TensorBoard under <workdir>/tensorboard plus the console); overwrite: move aside a
+  devices: the devices to build the mesh over (default all); writer: a metric writer with
+  clu's write_scalars/write_images/flush (default event_writer.EventWriter: TensorBoard under
+  <workdir>/tensorboard); overwrite: move aside a
   run of a different config found in workdir instead of refusing to start.
 
   Everything a user can get wrong (config, devices, data, workdir, input checkpoints) is checked
@@ -105,6 +108,7 @@ class Chain:
   def __init__(self, config, workdir: str, *, devices=None, writer=None, overwrite=False):
     validate_config(config)
     self.config = config
+    self.progress = progress_lib.ChainProgress(config)
     self.workdir = workdir
     self.mesh = shard_lib.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
     config_checks.check_batch_sizes(config, self.mesh.devices.size, jax.process_count())
@@ -255,7 +259,8 @@ class Chain:
     result = loop.run_stage(
         stage, config=self.config, workdir=self.workdir, mesh=self.mesh, pipeline=data,
         frozen=frozen, init_inputs=lambda abstract: self.handoff(name, abstract),
-        grid=self.grid, writer=self.writer, save_grid=self.source.save_grid)
+        grid=self.grid, writer=self.writer, save_grid=self.source.save_grid,
+        progress=self.progress)
     return {"status": "trained", "steps_run": result.steps_run,
             "wall_time_s": round(result.wall_time_s, 1), "samples": result.samples_path,
             "final_metrics": result.final_metrics}
@@ -299,10 +304,11 @@ def run(config, workdir: str, **kwargs) -> dict:
 
 
 def _make_writer(workdir: str):
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  return metric_writers.create_default_writer(
-      os.path.join(workdir, "tensorboard"), just_logging=jax.process_index() > 0,
-      asynchronous=True)
+  """TensorBoard events from process 0 (event_writer.py: without TensorFlow, whose import
+  was most of a launch's start-up time)."""
+  if jax.process_index() > 0:
+    return event_writer.NullWriter()
+  return event_writer.EventWriter(os.path.join(workdir, "tensorboard"))
 
 
 def _format_summary(summary: dict) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import os
 import tempfile
 
@@ -111,8 +112,27 @@ def _build_lock(data_dir: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _quiet_tfds():
+  """tfds's own messages about a build (its bold 'Downloading and preparing...' on stdout, and
+  warnings about the half-built folder it is filling) would be the only foreign lines on the
+  console; the '[data] building' line says what happens. Errors still raise."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(verbosity)
+
+
 def builder(data_dir: str) -> Digits8x8:
   """The builder, prepared under data_dir (built once if absent; a no-op when present)."""
+  with _quiet_tfds():
+    return _builder(data_dir)
+
+
+def _builder(data_dir: str) -> Digits8x8:
   data_dir = os.fspath(data_dir)
   b = Digits8x8(data_dir=data_dir)
   if not b.is_prepared():
@@ -122,10 +142,11 @@ def builder(data_dir: str) -> Digits8x8:
       if not b.is_prepared():
         print(f"[data] building {NAME} under {data_dir} (once; a few seconds)", flush=True)
         tfds.disable_progress_bar()  # a one-off build of 1,797 images: the bars are noise
-        b.download_and_prepare(
-            file_format=FILE_FORMAT,
-            # Nothing to fetch: never ask GCS for a prepared copy (the machine may be offline).
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        with contextlib.redirect_stdout(io.StringIO()):
+          b.download_and_prepare(
+              file_format=FILE_FORMAT,
+              # Nothing to fetch: never ask GCS for a prepared copy (the machine may be offline).
+              download_config=tfds.download.DownloadConfig(try_download_gcs=False))
         b = Digits8x8(data_dir=data_dir)
   return b
 

@@ -122,12 +122,14 @@ def _new_health(meta: Optional[dict] = None) -> dict:
 
 def run_stage(stage, *, config, workdir: str, mesh, pipeline, frozen: dict,
               init_inputs: Callable[[], dict], grid: tuple[np.ndarray, np.ndarray],
-              writer, save_grid: Callable[[np.ndarray, str], None]) -> StageResult:
+              writer, save_grid: Callable[[np.ndarray, str], None],
+              progress=None) -> StageResult:
   """Trains one stage to config.<stage>.num_steps, resuming from its own checkpoints.
 
   frozen: pytrees the step reads but never changes (the teacher), already placed on the mesh.
   init_inputs: called only when the stage starts fresh; returns the handoff params.
   grid: fixed (noise, conditions) so every stage's samples can be compared picture to picture.
+  progress: the chain's (stages/progress.ChainProgress), whose line follows the stage's ETA.
   """
   cfg = getattr(config, stage.name)
   rows = getattr(stage, "examples_per_row", 1)
@@ -232,7 +234,10 @@ def run_stage(stage, *, config, workdir: str, mesh, pipeline, frozen: dict,
         scalars["steps_per_s"] = rate
         writer.write_scalars(step, {f"{stage.name}/{k}": v for k, v in scalars.items()})
         if jax.process_index() == 0:
-          print(_console_line(stage.name, step, total, scalars, rate), flush=True)
+          line = _console_line(stage.name, step, total, scalars, rate)
+          if progress is not None:
+            line += " | " + progress.line(stage.name, step, total, rate)
+          print(line, flush=True)
 
       if step == total:
         save(step, final=True)
