@@ -46,6 +46,8 @@ def add_model_flags(parser: argparse.ArgumentParser, **defaults) -> None:
   d = dict(size="S/2", depth=4, input_size=16, channels=4, num_classes=1000, dtype="float32",
            jvp_dtype="float32", remat=False, update_ratio=2, disc_hidden=256, cfg_scale=1.5)
   d.update(defaults)
+  parser.add_argument("--backbone", default="dit", choices=("dit", "lightningdit"),
+                      help="DiT/SiT (sizes S/2 ... XL/2), or LightningDiT (B/1 ... 1p6B/2)")
   parser.add_argument("--size", default=d["size"], help="a DiT size: S/2, B/2, L/2, XL/2")
   parser.add_argument("--depth", type=int, default=d["depth"],
                       help="blocks; 0 keeps the size's own (a cut model keeps ratios, compiles "
@@ -69,7 +71,12 @@ def add_model_flags(parser: argparse.ArgumentParser, **defaults) -> None:
 def build_config(args, batch_size: int):
   """The experiment config of the chosen network (every other key as in base_config)."""
   c = base_config()
-  size = dit_config(args.size)
+  if getattr(args, "backbone", "dit") == "lightningdit":
+    from hierdistill.models.lightningdit import lightningdit_config  # pylint: disable=g-import-not-at-top
+    size = lightningdit_config(args.size)
+    c.model.name = "lightningdit"
+  else:
+    size = dit_config(args.size)
   if args.depth:
     size["depth"] = args.depth
   depth = size["depth"]

@@ -52,6 +52,20 @@ LIGHTNINGDIT_SIZES = {
 }
 
 
+def lightningdit_config(name: str):
+  """Sizes of a named model, e.g. 'XL/1' or 'LightningDiT-XL/1' -> depth, hidden_size,
+  num_heads, patch_size (the official LightningDiT_models table)."""
+  base = name.strip()
+  if base.lower().startswith("lightningdit-"):
+    base = base[len("lightningdit-"):]
+  size, _, patch = base.partition("/")
+  key = next((k for k in LIGHTNINGDIT_SIZES if k.lower() == size.lower()), None)
+  if key is None or not patch.isdigit():
+    raise ValueError(f"Unknown LightningDiT size {name!r}: expected "
+                     f"{{{','.join(LIGHTNINGDIT_SIZES)}}}/p, e.g. 'XL/1'.")
+  return dict(LIGHTNINGDIT_SIZES[key], patch_size=int(patch))
+
+
 def rope_tables(head_dim: int, grid_size: int, theta: float = 10000.0
                 ) -> Tuple[np.ndarray, np.ndarray]:
   """(cos, sin), each (grid_size^2, head_dim) float32: EVA-02's 2-D rotary tables as

@@ -14,6 +14,11 @@ weight one to one ('.' -> '/', list indices -> '_{i}'):
   decoder/conv_in, decoder/mid_block/..., decoder/up_blocks_{i}/resnets_{j}/...,
     decoder/up_blocks_{i}/upsamplers_0/conv, decoder/conv_norm_out, decoder/conv_out
 
+LDM's autoencoders (VA-VAE among them) are the same network, with optionally one attention
+after every resnet of some levels (LDM's attn_resolutions): `attention_levels` names those
+levels (encoder order, 0 = full resolution); their attentions are down_blocks_{i}/attentions_{j}
+and, in the decoder, up_blocks_{L - 1 - i}/attentions_{j} (diffusers' AttnDown/UpDecoder names).
+
 Use:
   vae = AutoencoderKL()                    # SD-VAE sizes
   mean, logvar = vae.apply(v, x, method=AutoencoderKL.encode)        # x (B, 256, 256, 3)
@@ -35,6 +40,12 @@ Dtype = Any
 SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4,
               block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
               scaling_factor=0.18215)
+# VA-VAE f16d32 (hustvl/LightningDiT tokenizer/configs/vavae_f16d32.yaml: ch 128, ch_mult
+# (1, 1, 2, 2, 4), z 32, attention at resolution 16 = level 4 of a 256 input). It has no scalar
+# scaling factor: LightningDiT normalises its latents per channel (latents_stats.pt).
+VA_VAE_F16D32 = dict(in_channels=3, out_channels=3, latent_channels=32,
+                     block_out_channels=(128, 128, 256, 256, 512), layers_per_block=2,
+                     norm_num_groups=32, scaling_factor=1.0, attention_levels=(4,))
 
 
 def _group_norm(groups: int, dtype: Dtype, name: str) -> nn.GroupNorm:
@@ -122,34 +133,42 @@ class Upsample(nn.Module):
 
 
 class DownBlock(nn.Module):
-  """layers resnets, then a Downsample unless it is the last level."""
+  """layers resnets (each followed by an attention with `attention`), then a Downsample unless
+  it is the last level."""
   channels: int
   layers: int
   downsample: bool
   groups: int = 32
   dtype: Dtype = jnp.float32
+  attention: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     for j in range(self.layers):
       x = ResnetBlock(self.channels, self.groups, self.dtype, name=f"resnets_{j}")(x)
+      if self.attention:
+        x = SpatialSelfAttention(self.groups, self.dtype, name=f"attentions_{j}")(x)
     if self.downsample:
       x = Downsample(self.channels, self.dtype, name="downsamplers_0")(x)
     return x
 
 
 class UpBlock(nn.Module):
-  """layers resnets, then an Upsample unless it is the last level."""
+  """layers resnets (each followed by an attention with `attention`), then an Upsample unless
+  it is the last level."""
   channels: int
   layers: int
   upsample: bool
   groups: int = 32
   dtype: Dtype = jnp.float32
+  attention: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     for j in range(self.layers):
       x = ResnetBlock(self.channels, self.groups, self.dtype, name=f"resnets_{j}")(x)
+      if self.attention:
+        x = SpatialSelfAttention(self.groups, self.dtype, name=f"attentions_{j}")(x)
     if self.upsample:
       x = Upsample(self.channels, self.dtype, name="upsamplers_0")(x)
     return x
@@ -161,6 +180,7 @@ class Encoder(nn.Module):
   layers_per_block: int = 2
   groups: int = 32
   dtype: Dtype = jnp.float32
+  attention_levels: Tuple[int, ...] = ()
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -168,7 +188,7 @@ class Encoder(nn.Module):
     x = _conv(chans[0], 3, self.dtype, "conv_in")(x)
     for i, c in enumerate(chans):
       x = DownBlock(c, self.layers_per_block, i < len(chans) - 1, self.groups, self.dtype,
-                    name=f"down_blocks_{i}")(x)
+                    i in self.attention_levels, name=f"down_blocks_{i}")(x)
     x = MidBlock(chans[-1], self.groups, self.dtype, name="mid_block")(x)
     x = nn.silu(_group_norm(self.groups, self.dtype, "conv_norm_out")(x))
     return _conv(self.out_channels, 3, self.dtype, "conv_out")(x)
@@ -180,6 +200,7 @@ class Decoder(nn.Module):
   layers_per_block: int = 2
   groups: int = 32
   dtype: Dtype = jnp.float32
+  attention_levels: Tuple[int, ...] = ()  # encoder order: up block i is level L - 1 - i
 
   @nn.compact
   def __call__(self, z: Array) -> Array:
@@ -189,7 +210,7 @@ class Decoder(nn.Module):
     for i, c in enumerate(chans):
       # One more resnet per level than the encoder has.
       x = UpBlock(c, self.layers_per_block + 1, i < len(chans) - 1, self.groups, self.dtype,
-                  name=f"up_blocks_{i}")(x)
+                  len(chans) - 1 - i in self.attention_levels, name=f"up_blocks_{i}")(x)
     x = nn.silu(_group_norm(self.groups, self.dtype, "conv_norm_out")(x))
     return _conv(self.out_channels, 3, self.dtype, "conv_out")(x)
 
@@ -209,6 +230,7 @@ class AutoencoderKL(nn.Module):
   norm_num_groups: int = 32
   scaling_factor: float = 0.18215
   dtype: Dtype = jnp.float32
+  attention_levels: Tuple[int, ...] = ()  # LDM's attn_resolutions as level indices
 
   @property
   def downsampling_factor(self) -> int:
@@ -216,12 +238,13 @@ class AutoencoderKL(nn.Module):
 
   def setup(self):
     chans = tuple(self.block_out_channels)
+    levels = tuple(self.attention_levels)
     self.encoder = Encoder(2 * self.latent_channels, chans, self.layers_per_block,
-                           self.norm_num_groups, self.dtype)
+                           self.norm_num_groups, self.dtype, levels)
     self.quant_conv = nn.Conv(2 * self.latent_channels, (1, 1), dtype=self.dtype)
     self.post_quant_conv = nn.Conv(self.latent_channels, (1, 1), dtype=self.dtype)
     self.decoder = Decoder(self.out_channels, chans, self.layers_per_block,
-                           self.norm_num_groups, self.dtype)
+                           self.norm_num_groups, self.dtype, levels)
 
   def encode(self, x: Array) -> Tuple[Array, Array]:
     """(mean, logvar) float32 of the diagonal Gaussian posterior; logvar clamped to [-30, 20]
