@@ -12,7 +12,17 @@ from typing import Any, Dict, List, Tuple
 
 from hierdistill.convert import dit as convert_dit
 from hierdistill.convert import inception as convert_inception
+from hierdistill.convert import lightningdit as convert_lightningdit
 from hierdistill.convert import vae as convert_vae
+from hierdistill.convert import vavae as convert_vavae
+
+# config.teacher.checkpoint_kind -> where such a file is published (convert/dit.py's kinds, and
+# LightningDiT's own importer).
+TEACHER_PUBLISHED = {**convert_dit.WHERE_PUBLISHED,
+                     "lightningdit": convert_lightningdit.WHERE_PUBLISHED}
+# config.vae.kind: 'sd' (a diffusers AutoencoderKL folder) or 'vavae' (LightningDiT's VA-VAE .pt
+# in LDM's layout, plus its per-channel latent statistics, config.vae.stats_path).
+VAE_KINDS = ("sd", "vavae")
 
 REFERENCE_PUBLISHED = ("VIRTUAL_imagenet256_labeled.npz, linked from the evaluations README of "
                        "openai/guided-diffusion (ADM's reference batches)")
@@ -27,10 +37,17 @@ def required_files(config) -> List[Tuple[str, str, str]]:
   if needs_teacher and "teacher" not in stages and "vae" in config:
     # An ImageNet config without a teacher stage distils the published teacher.
     out.append(("config.teacher.init_checkpoint", config.teacher.get("init_checkpoint", ""),
-                convert_dit.WHERE_PUBLISHED.get(kind, kind)))
+                TEACHER_PUBLISHED.get(kind, kind)))
   # Every stage draws sample grids, decoded by the VAE; the evaluation decodes every sample.
   if "vae" in config and not config.vae.random_init:
-    out.append(("config.vae.path", config.vae.path, convert_vae.WHERE_PUBLISHED))
+    if config.vae.get("kind", "sd") == "vavae":
+      out.append(("config.vae.path", config.vae.path, convert_vavae.WHERE_PUBLISHED))
+    else:
+      out.append(("config.vae.path", config.vae.path, convert_vae.WHERE_PUBLISHED))
+  if "vae" in config and config.vae.get("kind", "sd") == "vavae" and (
+      not config.vae.random_init or config.vae.get("stats_path")):
+    out.append(("config.vae.stats_path", config.vae.get("stats_path", ""),
+                convert_vavae.STATS_PUBLISHED))
   if "eval" in stages and "inception_weights" in config.eval:
     if not config.eval.random_inception:
       out.append(("config.eval.inception_weights", config.eval.inception_weights,
@@ -50,10 +67,36 @@ def check_files(config) -> None:
 
 
 def vae_fields(config) -> Dict[str, Any]:
-  return dict(block_out_channels=tuple(config.vae.sizes.block_out_channels),
-              layers_per_block=int(config.vae.sizes.layers_per_block),
-              norm_num_groups=int(config.vae.sizes.norm_num_groups),
-              scaling_factor=float(config.vae.scaling_factor))
+  fields = dict(block_out_channels=tuple(config.vae.sizes.block_out_channels),
+                layers_per_block=int(config.vae.sizes.layers_per_block),
+                norm_num_groups=int(config.vae.sizes.norm_num_groups),
+                scaling_factor=float(config.vae.scaling_factor))
+  for key in ("latent_channels", "attention_levels"):  # VA-VAE's (SD-VAE's defaults otherwise)
+    if key in config.vae.sizes:
+      value = config.vae.sizes[key]
+      fields[key] = tuple(value) if key == "attention_levels" else int(value)
+  return fields
+
+
+def latent_stats(config):
+  """(mean, std) of VA-VAE's latents_stats.pt (config.vae.stats_path) as tuples, or
+  (None, None) for a VAE without per-channel statistics."""
+  if config.vae.get("kind", "sd") != "vavae" or not config.vae.get("stats_path"):
+    return None, None
+  channels = int(config.vae.sizes.get("latent_channels", 32))
+  mean, std = convert_vavae.load_latent_stats(config.vae.stats_path, channels=channels)
+  return tuple(float(a) for a in mean), tuple(float(a) for a in std)
+
+
+def latent_affine(config):
+  """(scale, shift) numpy: the model's x = scale * z + shift of an unscaled VAE latent z (a
+  scalar scaling_factor for SD-VAE; per channel for VA-VAE: models/vae.latent_affine)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  mean, std = latent_stats(config)
+  if mean is None:
+    return float(config.vae.scaling_factor), 0.0
+  scale = float(config.vae.scaling_factor) / np.asarray(std, np.float32)
+  return scale.astype(np.float32), (-np.asarray(mean, np.float32) * scale).astype(np.float32)
 
 
 def load_vae(config, seed: int = 0):
@@ -61,9 +104,19 @@ def load_vae(config, seed: int = 0):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from hierdistill.models.vae import AutoencoderKL  # pylint: disable=g-import-not-at-top
+  kind = config.vae.get("kind", "sd")
+  if kind not in VAE_KINDS:
+    raise ValueError(f"config.vae.kind={kind!r}; choose from {VAE_KINDS}")
+  mean, std = latent_stats(config)
   if config.vae.random_init:
-    model = AutoencoderKL(**vae_fields(config))
+    model = AutoencoderKL(**vae_fields(config), latent_mean=mean, latent_std=std)
     return model, random_vae_params(model, seed)
+  if kind == "vavae":
+    # No scaling factor of its own: config.vae.scaling_factor is LightningDiT's
+    # latent_multiplier (1.0), applied after the per-channel normalisation.
+    model, params = convert_vavae.load_vavae(config.vae.path, config_key="config.vae.path")
+    return model.clone(scaling_factor=float(config.vae.scaling_factor), latent_mean=mean,
+                       latent_std=std), params
   model, params = convert_vae.load_vae(config.vae.path, config_key="config.vae.path")
   if abs(model.scaling_factor - float(config.vae.scaling_factor)) > 1e-7:
     raise ValueError(f"config.vae.scaling_factor={config.vae.scaling_factor} but "
@@ -116,17 +169,28 @@ def check_teacher_model(config, model) -> None:
   mapping, prediction): checked before anything compiles."""
   from hierdistill.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
   kind = config.teacher.get("checkpoint_kind", "sit")
-  if kind not in convert_dit.KINDS:
+  if kind not in TEACHER_PUBLISHED:
     raise ConfigError(f"config.teacher.checkpoint_kind={kind!r}; choose from "
-                      f"{convert_dit.KINDS} (convert/dit.py)")
-  try:
-    convert_dit.check_model_fields(model, kind)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+                      f"{tuple(TEACHER_PUBLISHED)} (convert/dit.py, convert/lightningdit.py)")
+  is_lightning = type(model).__name__ == "LightningDiT"
+  if (kind == "lightningdit") != is_lightning:
+    raise ConfigError(f"config.teacher.checkpoint_kind={kind!r} but config.model.name="
+                      f"{config.model.name!r}: a LightningDiT file needs model.name="
+                      "'lightningdit', and a DiT/SiT/REPA file model.name='dit'")
+  fields = (convert_lightningdit.MODEL_FIELDS if is_lightning
+            else convert_dit.MODEL_FIELDS[kind])
+  for field, value in fields.items():
+    if getattr(model, field) != value:
+      raise ConfigError(f"config.model.{field}={getattr(model, field)!r} but a {kind.upper()} "
+                        f"checkpoint needs {value!r} (convert/dit.py explains the convention)")
 
 
 def load_teacher(config, model) -> Dict[str, Any]:
   """The imported teacher's params (nested numpy dict) for `model` (the run's teacher DiT)."""
+  kind = config.teacher.get("checkpoint_kind", "sit")
+  if kind == "lightningdit":
+    return convert_lightningdit.load_lightningdit_checkpoint(
+        config.teacher.init_checkpoint, model, config_key="config.teacher.init_checkpoint")
   return convert_dit.load_dit_checkpoint(
-      config.teacher.init_checkpoint, model, kind=config.teacher.get("checkpoint_kind", "sit"),
+      config.teacher.init_checkpoint, model, kind=kind,
       config_key="config.teacher.init_checkpoint")

@@ -134,14 +134,16 @@ class LatentPipeline:
   Args:
     dataset: from open_latents.
     global_batch_size, seed, process_index, process_count: as InMemoryPipeline.
-    scaling_factor: latents are multiplied by it (SD-VAE: 0.18215).
+    scaling_factor, latent_shift: the model's x = scaling_factor * latent + latent_shift, scalars
+      (SD-VAE: 0.18215 and 0) or per-channel (C,) arrays (VA-VAE's statistics:
+      models/vae.latent_affine).
     sampling: 'sample' (mean + std e, DiT/SiT's training) or 'mean'.
     flip: pick the flipped image's latents with probability 1/2 (needs stored flips).
     prefetch: batches read ahead in a background thread by iterate().
   """
 
   def __init__(self, dataset: LatentDataset, global_batch_size: int, seed: int, *,
-               scaling_factor: float, sampling: str = "sample", flip: bool = True,
+               scaling_factor, latent_shift=0.0, sampling: str = "sample", flip: bool = True,
                process_index: int = 0, process_count: int = 1, prefetch: int = 2):
     from array_record.python.array_record_data_source import ArrayRecordDataSource  # pylint: disable=g-import-not-at-top
     if sampling not in ("sample", "mean"):
@@ -162,6 +164,7 @@ class LatentPipeline:
     self.global_batch_size = global_batch_size
     self.local_batch_size = self._order.local_batch_size
     self.seed, self.scaling_factor, self.sampling, self.flip = seed, scaling_factor, sampling, flip
+    self.latent_shift = latent_shift
     self.process_index, self.process_count = process_index, process_count
     self.prefetch = prefetch
     # Shape-only stand-in for the loop's `pipeline.images.shape[1:]` (no data behind it).
@@ -204,7 +207,8 @@ class LatentPipeline:
         mean = mean + np.asarray(rec[pre + "std"], np.float32) * e
       xs.append(mean)
       ys.append(rec["label"])
-    return {"x": self.scaling_factor * np.stack(xs), "c": np.asarray(ys, np.int32)}
+    x = self.scaling_factor * np.stack(xs) + self.latent_shift
+    return {"x": x.astype(np.float32), "c": np.asarray(ys, np.int32)}
 
   def __iter__(self):
     return self.iterate(0)

@@ -31,7 +31,7 @@ from hierdistill.evaluation import grids
 from hierdistill.evaluation import inception as inception_lib
 from hierdistill.evaluation.inception_score import inception_score
 from hierdistill.evaluation.precision_recall import precision_recall
-from hierdistill.models.vae import AutoencoderKL
+from hierdistill.models.vae import AutoencoderKL, unscale_latents
 
 
 def to_uint8(images: jax.Array) -> jax.Array:
@@ -109,7 +109,7 @@ class ImageNetScorer:
 
   def _decode(self, vae_params, latents):
     """Scaled latents -> uint8 images, as a saved PNG would hold them."""
-    images = self.vae.apply({"params": vae_params}, latents / self.vae.scaling_factor,
+    images = self.vae.apply({"params": vae_params}, unscale_latents(self.vae, latents),
                             method=AutoencoderKL.decode)
     return to_uint8(images)
 

@@ -27,7 +27,7 @@ Use:
 """
 from __future__ import annotations
 
-from typing import Any, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -231,6 +231,9 @@ class AutoencoderKL(nn.Module):
   scaling_factor: float = 0.18215
   dtype: Dtype = jnp.float32
   attention_levels: Tuple[int, ...] = ()  # LDM's attn_resolutions as level indices
+  # Per-channel latent statistics (LightningDiT's latents_stats.pt for VA-VAE); None: 0 and 1.
+  latent_mean: Optional[Tuple[float, ...]] = None
+  latent_std: Optional[Tuple[float, ...]] = None
 
   @property
   def downsampling_factor(self) -> int:
@@ -261,6 +264,23 @@ class AutoencoderKL(nn.Module):
     """Reconstruction from the posterior mean (init and tests touch every param this way)."""
     mean, _ = self.encode(x)
     return self.decode(mean)
+
+
+def latent_affine(vae) -> Tuple[Array, Array]:
+  """(scale, shift), each (C,) float32: what the diffusion model sees is scale * z + shift for
+  an unscaled VAE latent z. SD-VAE: scaling_factor and 0. With per-channel statistics
+  (LightningDiT on VA-VAE): scaling_factor * (z - mean) / std."""
+  c = vae.latent_channels
+  mean = jnp.zeros((c,)) if vae.latent_mean is None else jnp.asarray(vae.latent_mean)
+  std = jnp.ones((c,)) if vae.latent_std is None else jnp.asarray(vae.latent_std)
+  scale = vae.scaling_factor / std
+  return scale.astype(jnp.float32), (-mean * scale).astype(jnp.float32)
+
+
+def unscale_latents(vae, x: Array) -> Array:
+  """The VAE latent z of the model's x = scale * z + shift (latent_affine): what decode reads."""
+  scale, shift = latent_affine(vae)
+  return (x - shift) / scale
 
 
 def sample_latents(key: Array, mean: Array, logvar: Array, scaling_factor: float) -> Array:

@@ -26,7 +26,7 @@ from hierdistill.data import imagenet_latents
 from hierdistill.evaluation import driver
 from hierdistill.evaluation import grids
 from hierdistill.evaluation import imagenet as ev_imagenet
-from hierdistill.models.vae import AutoencoderKL
+from hierdistill.models.vae import AutoencoderKL, unscale_latents
 from hierdistill.sources.base import DataSource
 
 MOCK_LATENTS = "mock_latents"
@@ -78,8 +78,9 @@ class ImageNetSource(DataSource):
       raise ConfigError(str(e)) from None
 
   def make_pipeline(self, global_batch_size: int, seed: int):
+    scale, shift = from_config.latent_affine(self.config)
     return imagenet_latents.LatentPipeline(
-        self.dataset, global_batch_size, seed, scaling_factor=float(self.config.vae.scaling_factor),
+        self.dataset, global_batch_size, seed, scaling_factor=scale, latent_shift=shift,
         sampling=self.config.data.latent_sampling, flip=bool(self.config.data.flip),
         process_index=jax.process_index(), process_count=jax.process_count())
 
@@ -92,7 +93,7 @@ class ImageNetSource(DataSource):
   def decode(self, latents: np.ndarray) -> np.ndarray:
     """Scaled latents -> images in [-1, 1] (host numpy), in VAE batches."""
     model, params = self.vae
-    fn = jax.jit(lambda p, z: model.apply({"params": p}, z / model.scaling_factor,
+    fn = jax.jit(lambda p, z: model.apply({"params": p}, unscale_latents(model, z),
                                           method=AutoencoderKL.decode))
     bs = int(self.config.vae.batch_size)
     return np.concatenate([np.asarray(fn(params, jnp.asarray(latents[i:i + bs])))
