@@ -10,6 +10,8 @@ program), set beside what the partition rules should give (shapes / shardings).
   python benchmarks/memory.py --target=tpu-v5e       # the TPU compiler, for a v5e-8 and a v5e-64
                                                      # (needs libtpu: pip install 'jax[tpu]')
   python benchmarks/memory.py --size=B/2 --devices=8 --stages=trajectory   # quicker
+  python benchmarks/memory.py --model=sana --devices=64 --depths=2,4   # SANA-1.6B at 1024 px
+                                                     # (experiments/mjhq_sana.py), text batches
 
 The CPU target lays the devices out as --xla_force_host_platform_device_count fake CPU devices
 (set here, before jax starts). Its compiler plans buffers like any XLA backend, but it fuses
@@ -40,7 +42,8 @@ def parse_args(argv=None):
   sys.path.insert(0, here)
   sys.path.insert(0, os.path.dirname(here))
   # step_cost imports jax: take only its flag helper's source of truth after the env is set.
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  # No abbreviations: --depth (the model's flag) would otherwise be read as --depths.
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
   parser.add_argument("--target", default="cpu", choices=("cpu", "tpu-v5e"))
   parser.add_argument("--devices", default="8,64", help="comma-separated device counts N")
   parser.add_argument("--stages", default="trajectory,distribution",
@@ -61,6 +64,11 @@ def parse_args(argv=None):
                            "memory, as the TPU/GPU schedulers do under their memory limit) or "
                            "'default' (XLA:CPU's own, which favours concurrency: it issues "
                            "every weight all-gather at the start of the step)")
+  parser.add_argument("--model", default="dit", choices=("dit", "sana"),
+                      help="dit: the DiT/SiT flags below; sana: experiments/mjhq_sana.py's "
+                           "network (--sana=1.6B,1024), batches of text conditions")
+  parser.add_argument("--sana", default="1.6B,1024",
+                      help="--model=sana: the variant of experiments/mjhq_sana.py")
   parser.add_argument("--dump_hlo", default="",
                       help="a folder to write each compiled program's HLO text to (to see "
                            "what is gathered: grep all-gather)")
@@ -94,11 +102,32 @@ def main(argv=None):
   margs = model_parser.parse_args(rest)
   jax.config.update("jax_threefry_partitionable", True)
   depths = [int(d) for d in args.depths.split(",")] if args.depths else []
-  full = step_cost.build_config(margs, args.batch)
-  shape = (margs.input_size, margs.input_size, margs.channels)
+  conditions = None
+  if args.model == "sana":
+    from hierdistill import conditions as cond_lib  # pylint: disable=g-import-not-at-top
+    build_config = lambda depth=0: _sana_config(args, depth)
+    full = build_config()
+    # The text condition of SANA: 300 Gemma-2 tokens of width 2304 (stored at extraction: the
+    # encoder runs in no train step, data/text_latents.py).
+    null = np.zeros((full.text_encoder.max_sequence_length, full.model.caption_channels))
+    conditions = cond_lib.Text(null, np.eye(1, null.shape[0], dtype=np.int32)[0])
+    px = full.data.image_size
+    shape = (px // 32, px // 32, full.model.in_channels)
+    label = f"SANA-{args.sana.split(',')[0]} at {px} px"
+    margs.dtype, margs.jvp_dtype, margs.remat = (full.model.dtype, full.trajectory.jvp_dtype,
+                                                 full.model.remat)
+    margs.update_ratio = full.distribution.update_ratio
+  else:
+    def build_config(depth=0):
+      if depth:
+        margs.depth = depth
+      return step_cost.build_config(margs, args.batch)
+    full = build_config()
+    shape = (margs.input_size, margs.input_size, margs.channels)
+    label = f"DiT-{margs.size}"
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(
-      pipeline.Networks(full).abstract_params(shape, student=True)))
-  print(f"DiT-{margs.size} depth {full.model.depth} ({n_params / 1e6:.0f}M params per "
+      pipeline.Networks(full, conditions).abstract_params(shape, student=True)))
+  print(f"{label} depth {full.model.depth} ({n_params / 1e6:.0f}M params per "
         f"network), input {shape}, global batch {args.batch}, compute {margs.dtype}, JVP "
         f"{margs.jvp_dtype}, remat {margs.remat}, k = {margs.update_ratio}, target "
         f"{args.target}, mesh {args.mesh}")
@@ -116,7 +145,7 @@ def main(argv=None):
 
   def layout(config, name, mesh):
     """Abstract (state, frozen, batch) of a stage's step and their shardings."""
-    nets = pipeline.Networks(config)
+    nets = pipeline.Networks(config, conditions)
     stage = pipeline.build_stage(name, config, nets)
     k = getattr(stage, "examples_per_row", 1)
     teacher = nets.abstract_params(shape, student=False)
@@ -125,13 +154,14 @@ def main(argv=None):
                                "teacher": teacher}}[name]
     # Init shapes from abstract inputs: eval_shape allocates nothing, XL included.
     state = jax.eval_shape(
-        lambda r, i: stage.init(r, jnp.zeros((1,) + shape), jnp.zeros((1,), jnp.int32),
+        lambda r, i: stage.init(r, jnp.zeros((1,) + shape), nets.conditions.example(1),
                                 *([i] if name != "teacher" else [])),
         jax.ShapeDtypeStruct((2,), jnp.uint32), inputs)
     frozen = {"teacher": teacher} if name != "teacher" else {}
     lead = (args.batch, k) if k > 1 else (args.batch,)
     batch = {"x": jax.ShapeDtypeStruct(lead + shape, jnp.float32),
-             "c": jax.ShapeDtypeStruct(lead, jnp.int32)}
+             "c": jax.tree.map(lambda a: jax.ShapeDtypeStruct(lead + a.shape[1:], a.dtype),
+                               nets.conditions.abstract(1))}
     shardings = (sharding.state_shardings(state, mesh, config.sharding_rules),
                  sharding.state_shardings(frozen, mesh, config.sharding_rules),
                  jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch))
@@ -195,8 +225,7 @@ def main(argv=None):
         continue
       measured = []
       for d in depths:
-        margs.depth = d
-        measured.append(compile_one(step_cost.build_config(margs, args.batch), name, mesh))
+        measured.append(compile_one(build_config(d), name, mesh))
         show(n, name, f"{data}x{fsdp}", measured[-1])
       (d0, t0), (d1, t1) = [(m["depth"], m["temp"]) for m in (measured[0], measured[-1])]
       slope = (t1 - t0) / (d1 - d0)
@@ -206,6 +235,19 @@ def main(argv=None):
       row["total"] = row["args"] + row["temp"]
       show(n, name, f"{data}x{fsdp}", row, note="extrapolated")
   return rows
+
+
+def _sana_config(args, depth: int = 0):
+  """experiments/mjhq_sana.py at args.sana with every batch args.batch; depth > 0 cuts the
+  network to that many blocks (the discriminator then reads the blocks that remain)."""
+  from experiments import mjhq_sana  # pylint: disable=g-import-not-at-top
+  c = mjhq_sana.get_config(args.sana)
+  for stage in (c.teacher, c.trajectory, c.distribution):
+    stage.batch_size = args.batch
+  if depth:
+    c.model.feature_layers = tuple(i for i in c.model.feature_layers if i < depth) or (depth - 1,)
+    c.model.depth = depth
+  return c
 
 
 def _weights(state):

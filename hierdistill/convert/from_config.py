@@ -168,6 +168,11 @@ def check_teacher_model(config, model) -> None:
   unknown or config.model would read the published file with the wrong conventions (time
   mapping, prediction): checked before anything compiles."""
   from hierdistill.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
+  if config.model.name == "sana":
+    if float(model.time_scale) != 1000.0:
+      raise ConfigError(f"config.model.time_scale={model.time_scale}: SANA's published weights "
+                        "read 1000 t; set --config.model.time_scale=1000")
+    return
   kind = config.teacher.get("checkpoint_kind", "sit")
   if kind not in TEACHER_PUBLISHED:
     raise ConfigError(f"config.teacher.checkpoint_kind={kind!r}; choose from "
@@ -186,7 +191,10 @@ def check_teacher_model(config, model) -> None:
 
 
 def load_teacher(config, model) -> Dict[str, Any]:
-  """The imported teacher's params (nested numpy dict) for `model` (the run's teacher DiT)."""
+  """The imported teacher's params (nested numpy dict) for `model` (the run's teacher DiT or
+  SANA; for SANA a diffusers weights file stands for its folder)."""
+  if config.model.name == "sana":
+    return load_sana_teacher(config, model)
   kind = config.teacher.get("checkpoint_kind", "sit")
   if kind == "lightningdit":
     return convert_lightningdit.load_lightningdit_checkpoint(
@@ -194,3 +202,31 @@ def load_teacher(config, model) -> Dict[str, Any]:
   return convert_dit.load_dit_checkpoint(
       config.teacher.init_checkpoint, model, kind=kind,
       config_key="config.teacher.init_checkpoint")
+
+
+SANA_ARCHITECTURE = ("in_channels", "patch_size", "hidden_size", "depth", "num_heads",
+                     "cross_num_heads", "mlp_ratio", "caption_channels", "qk_norm")
+
+
+def sana_teacher_path(path: str) -> str:
+  """A diffusers weights file inside a folder with config.json means that folder (the pipeline
+  names the teacher by a file: a .pth of NVlabs, or the safetensors of diffusers)."""
+  folder = os.path.dirname(path)
+  if path.endswith(".safetensors") and os.path.isfile(os.path.join(folder, "config.json")):
+    return folder
+  return path
+
+
+def load_sana_teacher(config, model) -> Dict[str, Any]:
+  """SANA's published transformer (convert/sana.py) as params of `model`; the file's sizes must
+  be config.model's (one line naming the first that differs)."""
+  from hierdistill.convert import sana as convert_sana  # pylint: disable=g-import-not-at-top
+  key = "config.teacher.init_checkpoint"
+  imported, params = convert_sana.load_sana(sana_teacher_path(config.teacher.init_checkpoint),
+                                            config_key=key)
+  for field in SANA_ARCHITECTURE:
+    if getattr(imported, field) != getattr(model, field):
+      raise ValueError(f"{key}={config.teacher.init_checkpoint!r} holds a SANA with {field}="
+                       f"{getattr(imported, field)} but config.model.{field}="
+                       f"{getattr(model, field)}; pick the experiment's variant of that size")
+  return params

@@ -181,8 +181,9 @@ class MJHQScorer:
     (B, ...) (the text encoder: Gemma-2 for SANA). inception, inception_params: the FID
     Inception. clip, clip_params, clip_tokenize(list of prompts) -> (B, 77) ids: CLIP ViT-L/14.
     mesh: batches split over its devices. size: the FID resolution (512). batch_size: samples
-    per batch (a multiple of the devices). random_features: name columns FD-random-inception /
-    CLIP-random. inception_size: the Inception's input (299; smaller only with random weights).
+    per batch (rounded up to a multiple of the devices). random_features: name the columns
+    FD-random-inception / CLIP-random. inception_size: the Inception's input (299; smaller
+    only with random weights).
   """
 
   def __init__(self, *, decode: Callable, encode_prompts: Callable, inception, inception_params,
@@ -191,8 +192,10 @@ class MJHQScorer:
                inception_size: int = 299):
     from hierdistill.evaluation import inception as inception_lib  # pylint: disable=g-import-not-at-top
     from hierdistill.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
-    self.mesh, self.size, self.batch_size = mesh, int(size), int(batch_size)
-    shard_lib.check_batch_size(self.batch_size, mesh, "config.eval.batch_size")
+    # Batches are padded up to a multiple of the devices (the padding is trimmed), so one
+    # config runs on any device count.
+    n = mesh.devices.size
+    self.mesh, self.size, self.batch_size = mesh, int(size), -(-int(batch_size) // n) * n
     rep, batch = shard_lib.replicated(mesh), shard_lib.batch_sharding(mesh)
     self.encode_prompts, self.clip_tokenize = encode_prompts, clip_tokenize
     self.fd_name = "FD-random-inception" if random_features else "FID"
@@ -286,17 +289,41 @@ class MJHQScorer:
     return {k: float(v) for k, v in row.items()}
 
 
+def save_rows(images: np.ndarray, captions: Sequence[str], path: str, columns: int) -> None:
+  """Images in [-1, 1] in rows of `columns`, each row's caption printed under it (Pillow's
+  built-in font: no font file needed); captions: one a row."""
+  from PIL import Image, ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
+  images = np.asarray(images)
+  rows = -(-len(images) // columns)
+  if len(captions) < rows:
+    raise ValueError(f"{rows} rows need {rows} captions; got {len(captions)}")
+  font, line = ImageFont.load_default(), 14
+  tiles = [grids.image_grid(images[r * columns:(r + 1) * columns], nrow=columns)
+           for r in range(rows)]
+  width = max([t.shape[1] for t in tiles] +
+              [int(font.getlength(text)) + 8 for text in captions[:rows]])
+  canvas = Image.new("RGB", (width, sum(t.shape[0] + line for t in tiles)), "white")
+  draw, y = ImageDraw.Draw(canvas), 0
+  for tile, text in zip(tiles, captions):
+    canvas.paste(Image.fromarray(tile[..., :3]), (0, y))
+    y += tile.shape[0]
+    draw.text((4, y + 1), text, fill="black", font=font)
+    y += line
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  canvas.save(path)  # PNG, never JPEG (PITFALLS.md)
+
+
 def save_prompt_grid(images: np.ndarray, prompts: Sequence[Prompt], path: str,
                      thumbnail: int = 128, max_chars: int = 110) -> None:
-  """uint8 samples as a PNG, one per row at `thumbnail` px with its category and prompt beside
-  it (cut at max_chars), so a grid says what each sample was asked for."""
+  """uint8 samples as a PNG, one a row at `thumbnail` px with its category and prompt under it
+  (cut at max_chars), so a grid says what each sample was asked for."""
   if not len(images):
     return
   from PIL import Image  # pylint: disable=g-import-not-at-top
   thumbs = np.stack([np.asarray(Image.fromarray(np.asarray(im, np.uint8)).resize(
       (thumbnail, thumbnail), resample=Image.BILINEAR)) for im in images])
   captions = [f"[{p.category}] {p.prompt}"[:max_chars] for p in prompts[:len(images)]]
-  grids.save_captioned_grid(thumbs.astype(np.float32) / 127.5 - 1.0, captions, path, columns=1)
+  save_rows(thumbs.astype(np.float32) / 127.5 - 1.0, captions, path, columns=1)
 
 
 def describe(*, num_samples: int, size: int, meta: str, reference: str, counts: Dict[str, int],

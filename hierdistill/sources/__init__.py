@@ -20,6 +20,7 @@ SOURCES = {
     "25gaussians": "hierdistill.sources.embedded:Toy2DSource",
     "digits8x8_text": "hierdistill.sources.digits_text:DigitsTextSource",
     "imagenet256_latents": "hierdistill.sources.imagenet:ImageNetSource",
+    "t2i_latents": "hierdistill.sources.mjhq:T2ISource",
 }
 NAMES = tuple(SOURCES)
 

@@ -72,13 +72,14 @@ def word_tokenizer(texts: Sequence[str], specials: Sequence[str]) -> Any:
   return tok
 
 
-def random_encoder(texts: Sequence[str], *, sizes: Optional[Dict[str, Any]] = None,
-                   seed: int = 0, **kwargs) -> SanaTextEncoder:
-  """A tiny random Gemma-2 (GEMMA2_TINY updated by `sizes`) with a word tokenizer over the
-  instruction and `texts`: tests and runlocal only."""
+def random_encoder(texts: Sequence[str] = (), *, tokenizer: Any = None,
+                   sizes: Optional[Dict[str, Any]] = None, seed: int = 0,
+                   **kwargs) -> SanaTextEncoder:
+  """A tiny random Gemma-2 (GEMMA2_TINY updated by `sizes`) with `tokenizer`, by default a word
+  tokenizer over the instruction and `texts`: tests and runlocal only."""
   from hierdistill.models.gemma2 import GEMMA2_TINY, Gemma2Encoder  # pylint: disable=g-import-not-at-top
-  tok = word_tokenizer(list(sana_prompts.COMPLEX_HUMAN_INSTRUCTION) + list(texts),
-                       ("<pad>", "<eos>", "<bos>", "<unk>"))
+  tok = tokenizer or word_tokenizer(list(sana_prompts.COMPLEX_HUMAN_INSTRUCTION) + list(texts),
+                                    ("<pad>", "<eos>", "<bos>", "<unk>"))
   fields = {**GEMMA2_TINY, "dtype": jnp.float32, **(sizes or {})}
   fields["vocab_size"] = max(int(fields["vocab_size"]), tok.get_vocab_size())
   model = Gemma2Encoder(**fields)
