@@ -19,6 +19,9 @@ def test_variants_and_defaults():
   small = mjhq_sana.get_config("0.6B,512")
   assert (small.model.depth, small.model.num_heads, small.data.image_size) == (28, 36, 512)
   assert small.name == "mjhq_sana_0.6B_512"
+  assert source_lib.T2ISource.example_shape(c) == (32, 32, 32)  # DC-AE f32c32 latents
+  assert source_lib.T2ISource.example_shape(small) == (16, 16, 32)
+  assert source_lib.T2ISource.example_prompts(c) == tuple(c.sample.grid_prompts)
   s = c.sample
   assert (s.teacher_method, s.teacher_steps, s.cfg_scale, s.shift) == ("dpm++2m", 20, 4.5, 3.0)
   assert c.eval.num_samples == 30_000 and c.eval.size == 512 and c.data.teacher_steps == 50

@@ -268,6 +268,25 @@ class T2ISource(DataSource):
           f"but {latents_dir} was encoded with {self.dataset.info.get('max_sequence_length')}; "
           "set it to the extraction's")
 
+  # -- from the config alone (a trained generator is loaded without its data) -----------------
+
+  @classmethod
+  def example_shape(cls, config) -> tuple:
+    h = int(config.data.image_size) // downsampling_factor(config)
+    return (h, h, int(config.model.in_channels))
+
+  @classmethod
+  def condition_kind(cls, config):
+    return cond_lib.Text(*load_text_encoder(config).null())
+
+  @classmethod
+  def example_prompts(cls, config) -> tuple:
+    return tuple(config.sample.grid_prompts)
+
+  @classmethod
+  def conditions_from_prompts(cls, config, prompts) -> Dict[str, np.ndarray]:
+    return load_text_encoder(config)(list(prompts))
+
   def check_model(self) -> None:
     super().check_model()
     m = self.config.model
