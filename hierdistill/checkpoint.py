@@ -6,9 +6,9 @@ Layout: <workdir>/<stage>/checkpoints/<step>/{state, meta[, export]}
   export  only in a stage's final checkpoint: the EMA parameters that the next stage starts from
 
 Resume order (the one place it is written): a stage restores
-  1. its own newest checkpoint that restores cleanly (a corrupt newer one is skipped with a
-     warning and moved to <workdir>/<stage>/corrupt_checkpoints/, never deleted; if none
-     restores, the run stops with CheckpointError rather than start the stage over), else
+  1. its own newest checkpoint that restores cleanly on every process (a corrupt newer one is
+     skipped with a warning and moved to <workdir>/<stage>/corrupt_checkpoints/, never deleted;
+     if none restores, the run stops with CheckpointError rather than start the stage over), else
   2. its init source: stage 1 from the teacher's export (or config.teacher.init_checkpoint, a
      directory of exported params), stage 2 from stage 1's export (and the teacher for its fake
      network), else
@@ -22,13 +22,14 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from absl import logging
 from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
+from hierdistill import agreement
 from hierdistill import sharding as shard_lib
 from hierdistill.config_checks import ConfigError
 
@@ -75,10 +76,31 @@ class StageCheckpoints:
     self._manager.wait_until_finished()
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """(state, meta) of the checkpoint at `step`, placed as the abstract state's shardings say."""
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    return restored.state, dict(restored.meta)
+    """(state, meta) of the checkpoint at `step`, placed as the abstract state's shardings say.
+
+    Read by the item handlers, without the manager's closing barrier: in a multi-process run a
+    process whose read failed would leave the others waiting in that barrier while it tried an
+    older step. restore_latest has the processes agree on the outcome instead.
+    """
+    path = epath.Path(os.path.abspath(os.path.join(self.directory, str(step))))
+    state = ocp.StandardCheckpointHandler().restore(
+        path / "state", args=ocp.args.StandardRestore(abstract_state))
+    return state, dict(ocp.JsonCheckpointHandler().restore(path / "meta"))
+
+  def _restore_everywhere(self, step: int, what: str, restore: Callable[[], Any]) -> Any:
+    """restore() on every process; it raises on every process if it failed on any, so all of
+    them make the same choice (a file one process reads may be damaged, another's intact)."""
+    try:
+      result, error = restore(), None
+    except Exception as e:  # many types for damaged files  # pylint: disable=broad-except
+      result, error = None, e
+    failed_on = agreement.failed_processes(error is not None,
+                                           f"restore/{self.stage}/{what}/{step}")
+    if error is not None:
+      raise error
+    if failed_on:
+      raise CheckpointError(f"it does not restore on process {', '.join(map(str, failed_on))}")
+    return result
 
   def restore_latest(self, abstract_state: Any) -> Optional[tuple[Any, dict, int]]:
     """(state, meta, step) from the newest checkpoint that restores; None if there is none.
@@ -88,11 +110,14 @@ class StageCheckpoints:
     their step would otherwise collide with them, and garbage collection could drop the good
     one in their favour). A good checkpoint is never deleted because a later one failed. If
     checkpoints exist but none restores, CheckpointError: starting over would throw a run away.
+    In a multi-process run a checkpoint restores only if it does on every process, so all of
+    them resume from the same step.
     """
     failures = []
     for step in reversed(self.steps()):
       try:
-        state, meta = self.restore(step, abstract_state)
+        state, meta = self._restore_everywhere(
+            step, "state", lambda s=step: self.restore(s, abstract_state))
       # orbax raises many types for damaged files
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("%s: the checkpoint at step %d does not restore (%s); trying an older "
@@ -130,16 +155,17 @@ class StageCheckpoints:
     step = self.latest_step()
     if step is None or not os.path.isdir(os.path.join(self.directory, str(step), "export")):
       return None
+    path = epath.Path(os.path.abspath(os.path.join(self.directory, str(step), "export")))
     try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          export=ocp.args.StandardRestore(abstract_params)))
+      export = self._restore_everywhere(step, "export", lambda: ocp.StandardCheckpointHandler(
+          ).restore(path, args=ocp.args.StandardRestore(abstract_params)))
     except Exception as e:  # damaged files, as in restore_latest  # pylint: disable=broad-except
       where = self.quarantine(step)
       raise CheckpointError(
           f"{self.stage}: the final checkpoint at step {step} does not restore "
           f"({_one_line(e)}); moved it to {where}. Rerun to redo the stage from its newest good "
           "checkpoint.") from e
-    return restored.export
+    return export
 
   def read_meta(self, step: int) -> dict:
     return dict(self._manager.restore(step, args=ocp.args.Composite(

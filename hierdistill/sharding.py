@@ -189,14 +189,28 @@ def with_shardings(abstract, shardings):
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-def maybe_initialize_distributed() -> None:
+# How long the coordination service (process 0) waits for a process's heartbeat before it
+# declares that process dead and ends every other one (status 134, SIGABRT): the bound on how
+# long a pod hangs after one host is killed or lost. jax's default. Collectives that notice a
+# closed connection themselves (gloo on CPU) end the others sooner.
+HEARTBEAT_TIMEOUT_S = 100
+# How long a process that exits waits for all the others to exit too (jax.distributed's shutdown
+# barrier); past it, all of them are ended (status 134). Processes that stop together (done,
+# preempted: status 75, or the same error everywhere) pass it at once; a process that failed
+# alone ends the others within this bound instead of leaving them in a collective. jax's default.
+SHUTDOWN_TIMEOUT_S = 300
+
+
+def maybe_initialize_distributed(heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
+                                 shutdown_timeout_s: int = SHUTDOWN_TIMEOUT_S) -> None:
   """jax.distributed.initialize when launched as several processes (cluster env detected).
 
   On TPU pods and SLURM/GPU clusters jax finds the coordinator itself. Anywhere else (several
   processes on one machine, a cluster jax does not know) set JAX_COORDINATOR_ADDRESS=host:port,
   JAX_NUM_PROCESSES and JAX_PROCESS_ID for each process; on CPU (JAX_PLATFORMS=cpu) the gloo
   collectives are selected, since the CPU backend has none across processes otherwise. A single
-  process does nothing. Call before any other jax call.
+  process does nothing. Call before any other jax call. The timeouts: see HEARTBEAT_TIMEOUT_S
+  and SHUTDOWN_TIMEOUT_S.
   """
   import os
   env = os.environ
@@ -209,17 +223,21 @@ def maybe_initialize_distributed() -> None:
                         "process's index (0 to JAX_NUM_PROCESSES - 1).")
     initialize_distributed(
         env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"]),
-        cpu_collectives="gloo" if env.get("JAX_PLATFORMS", "") == "cpu" else None)
+        cpu_collectives="gloo" if env.get("JAX_PLATFORMS", "") == "cpu" else None,
+        heartbeat_timeout_s=heartbeat_timeout_s, shutdown_timeout_s=shutdown_timeout_s)
     return
   try:
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s,
+                               shutdown_timeout_seconds=shutdown_timeout_s)
   except RuntimeError as e:  # already initialised by the caller
     if "already" not in str(e):
       raise
 
 
 def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int, *,
-                           cpu_collectives: str | None = "gloo") -> None:
+                           cpu_collectives: str | None = "gloo",
+                           heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
+                           shutdown_timeout_s: int = SHUTDOWN_TIMEOUT_S) -> None:
   """jax.distributed.initialize with explicit coordinates: several processes on one machine
   (tests, laptops) or a cluster that sets no environment jax recognises.
 
@@ -231,4 +249,6 @@ def initialize_distributed(coordinator_address: str, num_processes: int, process
   if cpu_collectives:
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
   jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+                             num_processes=num_processes, process_id=process_id,
+                             heartbeat_timeout_seconds=heartbeat_timeout_s,
+                             shutdown_timeout_seconds=shutdown_timeout_s)

@@ -4,12 +4,16 @@ Flags:
   --config=FILE[:ARG]    the experiment (get_config(ARG)); override any key with --config.a.b=V
   --workdir=DIR          where checkpoints, samples, logs and metrics go (default runs/<name>)
   --overwrite            if DIR holds a run of a different config, move it aside and start anew
+  --heartbeat_timeout_s=100, --shutdown_timeout_s=300
+                         several processes: how soon the others end after one dies or fails
 Rerunning the same command resumes where the run stopped and skips finished stages.
 
 Exit status: 0 done; 2 a mistake in the command, config, data or workdir (one line `error: ...`,
 before anything compiles or is written); 1 the run could not go on (non-finite losses, no
 checkpoint that restores; one line); 75 stopped by SIGTERM/SIGINT after saving (rerun to resume);
-130 a second Ctrl-C (stopped at once). Anything else is a bug and shows its traceback.
+130 a second Ctrl-C (stopped at once). Anything else is a bug and shows its traceback. With
+several processes every process stops at the same step with the same status; 134 (SIGABRT) on
+the others when one process died or failed alone (docs/reliability.md).
 """
 import difflib
 import os
@@ -33,6 +37,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<c
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "If the workdir holds a run of a different config, move that run aside "
     "(renamed, not deleted) and start anew. A run of the same config is always resumed.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", 100, "Several processes: seconds without a heartbeat after which a "
+    "process counts as dead and the others are ended (status 134) rather than left waiting.")
+_SHUTDOWN_TIMEOUT = flags.DEFINE_integer(
+    "shutdown_timeout_s", 300, "Several processes: seconds a process that exits waits for the "
+    "others to exit; past it all are ended (status 134).")
 flags.mark_flags_as_required(["config"])
 
 USAGE_ERROR = 2  # as config_checks.EXIT_CODE; not imported here, to keep flag errors fast
@@ -113,7 +123,7 @@ def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}; flags take the form --name=value.")
   from hierdistill import sharding  # pylint: disable=g-import-not-at-top
-  sharding.maybe_initialize_distributed()
+  sharding.maybe_initialize_distributed(_HEARTBEAT_TIMEOUT.value, _SHUTDOWN_TIMEOUT.value)
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_threefry_partitionable", True)
   from hierdistill import checkpoint  # pylint: disable=g-import-not-at-top

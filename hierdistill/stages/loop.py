@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hierdistill import agreement
 from hierdistill import checkpoint as ckpt_lib
 from hierdistill import sharding as shard_lib
 
@@ -209,6 +210,8 @@ def run_stage(stage, *, config, workdir: str, mesh, pipeline, frozen: dict,
     ckpts.save(step, state, dict(meta, step=step, data_step=step, health=h),
                export=state.ema_params if final else None)
 
+  # On a pod the signal may reach some processes only, or at other steps: they stop together.
+  agree_stop = agreement.StopAgreement(stage.name, start_step)
   with _StopFlag() as stop:
     step = start_step
     while step < total:
@@ -243,12 +246,15 @@ def run_stage(stage, *, config, workdir: str, mesh, pipeline, frozen: dict,
         save(step, final=True)
       elif step % ckpt_every == 0:
         save(step)
-      if stop.signal is not None and step < total:
+      stop_by = agree_stop(step, stop.signal) if step < total else None
+      if stop_by is not None:  # the same step on every process: all save it, all leave
         if step % ckpt_every:
           save(step)
         ckpts.close()
+        whom = (f" (sent to process {', '.join(map(str, agree_stop.signalled))} of "
+                f"{jax.process_count()})" if jax.process_count() > 1 else "")
         raise Preempted(
-            f"{stage.name}: stopped by {signal.Signals(stop.signal).name} after step {step}; "
+            f"{stage.name}: stopped by {signal.Signals(stop_by).name}{whom} after step {step}; "
             f"its checkpoint is saved under {ckpts.directory}. Rerun the same command to "
             "resume from there.")
 
