@@ -98,3 +98,65 @@ def test_per_channel_normalisation_in_and_out(tmp_path):
   s, b = latent_affine(vae)
   np.testing.assert_allclose(np.asarray(s), scale, rtol=1e-6)
   np.testing.assert_allclose(np.asarray(unscale_latents(vae, jnp.asarray(want))), z, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_chain_distils_an_imported_lightningdit_file_on_va_vae_latents(tmp_path):
+  """imagenet256.py:lightningdit shrunk as runlocal: mock ImageNet encoded by a tiny random
+  VA-VAE with per-channel statistics, a LightningDiT teacher imported from a published-layout
+  file (random weights), both stages and the eval (decoding through the statistics)."""
+  torch = pytest.importorskip("torch")
+  safetensors_numpy = pytest.importorskip("safetensors.numpy")
+  from hierdistill.convert import lightningdit as convert_ld
+  from hierdistill.models.dit import sincos_pos_embed_2d
+  from hierdistill.models.lightningdit import rope_tables
+  rng = np.random.default_rng(0)
+  stats = str(tmp_path / "latents_stats.pt")
+  torch.save({"mean": torch.from_numpy(rng.normal(size=(1, 32, 1, 1)).astype(np.float32)),
+              "std": torch.from_numpy(rng.uniform(0.5, 2, (1, 32, 1, 1)).astype(np.float32))},
+             stats)
+  c = imagenet256.get_config("lightningdit")
+  runlocal = imagenet256.get_config("runlocal")
+  c.stages = ("trajectory", "distribution", "eval")
+  c.mesh.update(data=-1, fsdp=1)
+  c.data.update(image_size=32, mock_num_examples=64, num_shards=2, extract_batch_size=16)
+  c.vae.update(random_init=True, stats_path=stats, batch_size=32)
+  c.vae.sizes.update(block_out_channels=(32, 32, 32, 32), layers_per_block=1,
+                     attention_levels=(3,))
+  c.model.update(input_size=4, hidden_size=32, depth=2, num_heads=2, feature_layers=(0, 1),
+                 dtype="float32", remat=False)
+  for stage in (c.trajectory, c.distribution):
+    stage.update(num_steps=2, batch_size=16, log_every=1, checkpoint_every=2)
+  c.distribution.update(update_ratio=1)
+  c.distribution.discriminator.update(hidden=16)
+  c.sample.update(grid_size=16, teacher_steps=3)
+  c.eval = runlocal.eval
+  c.eval.update(teacher_steps=(3,))
+  layout = convert_ld.published_layout(depth=2, hidden_size=32, num_heads=2, patch_size=1,
+                                       in_channels=32, num_classes=1000, input_size=4)
+  sd = {k: (0.05 * rng.standard_normal(s)).astype(np.float32) for k, s in layout.items()}
+  sd.update({k: np.ones(s, np.float32) for k, s in layout.items() if "norm" in k})
+  sd["pos_embed"] = sincos_pos_embed_2d(32, 4)[None]
+  sd["feat_rope.freqs_cos"], sd["feat_rope.freqs_sin"] = rope_tables(16, 4)
+  c.teacher.init_checkpoint = str(tmp_path / "LightningDiT-tiny.safetensors")
+  safetensors_numpy.save_file(sd, c.teacher.init_checkpoint)
+  # Not the TensorBoard writer: stages/loop.py sends the raw latent samples to it as images,
+  # which it cannot encode with 32 channels (reported; loop.py is not ours to change here).
+  summary = pipeline.run(c, str(tmp_path / "run"), writer=_NullWriter())
+  assert [r["model"] for r in summary["eval"]["rows"]] == [
+      "teacher (3 steps)", "stage 1 (TD) (1 step)", "stage 2 (HD) (1 step)"]
+  for stage in ("trajectory", "distribution"):
+    assert np.isfinite(summary["stages"][stage]["final_metrics"]["loss"])
+  assert all(np.isfinite(r["FD-random-inception"]) for r in summary["eval"]["rows"])
+
+
+class _NullWriter:
+  def write_scalars(self, step, scalars):
+    del step, scalars
+
+  def write_images(self, step, images):
+    del step, images
+
+  def flush(self):
+    pass

@@ -152,6 +152,9 @@ class ImageNetEval:
         "reference": f"{self.reference_path} ({scorer.reference_size} images"
                      f"{', stored mu/sigma' if scorer.stored_stats is not None else ''})",
         "vae": ("random weights (tests; not SD-VAE)" if config.vae.random_init
-                else f"SD-VAE {config.vae.variant}: {config.vae.path}"),
+                else f"SD-VAE {config.vae.variant}: {config.vae.path}"
+                if config.vae.get("kind", "sd") == "sd"
+                else f"{config.vae.variant}: {config.vae.path}, latent statistics "
+                     f"{config.vae.stats_path}"),
         "sample_encoding": "uint8 clip(127.5 x + 128), as DiT/SiT save PNGs"}
 
