@@ -160,3 +160,11 @@ class _NullWriter:
 
   def flush(self):
     pass
+
+
+def test_an_unknown_vae_kind_is_one_line():
+  c = imagenet256.get_config("lightningdit")
+  c.vae.kind = "vavea"
+  with pytest.raises(ConfigError, match=r"config\.vae\.kind='vavea'; choose from \('sd', "
+                     "'vavae'\\)"):
+    from_config.check_files(c)

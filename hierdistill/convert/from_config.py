@@ -61,6 +61,9 @@ def required_files(config) -> List[Tuple[str, str, str]]:
 def check_files(config) -> None:
   """Raises ConfigError (one line: key, path, where published) for the first missing file."""
   from hierdistill.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
+  if "vae" in config and config.vae.get("kind", "sd") not in VAE_KINDS:
+    raise ConfigError(f"config.vae.kind={config.vae.kind!r}; choose from {VAE_KINDS} ('sd': a "
+                      "diffusers AutoencoderKL folder, 'vavae': LightningDiT's VA-VAE .pt)")
   for key, path, where in required_files(config):
     if not path or not os.path.exists(path):
       raise ConfigError(f"{key}={path!r}: no such file; expected {where}")
