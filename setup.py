@@ -29,6 +29,10 @@ setup(
         # the published weights (Gemma-2, CLIP): `tokenizers` is the only reader of that format.
         # A compiled package with no torch dependency.
         "tokenizers>=0.19",
+        # An exported generator's weights are safetensors (launch/export.py), written and read
+        # by its numpy API; the importers read published .safetensors with it too. Small, and
+        # no torch dependency.
+        "safetensors>=0.4",
     ],
     extras_require={
         "test": ["pytest>=8"],

@@ -29,7 +29,8 @@ class EventWriter:
     # Imported here: `hierdistill.event_writer` costs nothing until a run writes.
     from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
     from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
-    from tensorboard.summary.writer.record_writer import RecordWriter  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from tensorboard.summary.writer.record_writer import RecordWriter
     self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
     os.makedirs(logdir, exist_ok=True)
     # TensorBoard's file name: it reads files whose names hold "tfevents".

@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from hierdistill import conditions as cond_lib
 from hierdistill.config_checks import ConfigError
 
 GRID_SALT = 0x9E1D  # the grid's noise and conditions are the same in every stage and every run
@@ -43,6 +44,35 @@ class DataSource:
     self.config = config
     self.workdir = workdir
     self.mesh = mesh
+
+  # -- what a generator needs, from the config alone (no data opened) ------------------------------
+  # A trained generator (generator.py) is loaded without its data: these class methods answer
+  # from a run's config (config.model, config.data) what the opened source would.
+
+  @classmethod
+  def example_shape(cls, config) -> tuple:
+    """One example's shape: (H, W, C) of the model's input (images or latents)."""
+    m = config.model
+    return (int(m.input_size), int(m.input_size), int(m.in_channels))
+
+  @classmethod
+  def condition_kind(cls, config):
+    """The kind of condition of this source's batches (conditions.py), with its null."""
+    return cond_lib.Labels(int(config.model.num_classes))
+
+  @classmethod
+  def example_prompts(cls, config) -> tuple:
+    """A few prompts that show what a text model of this source can do (none: labels)."""
+    del config
+    return ()
+
+  @classmethod
+  def conditions_from_prompts(cls, config, prompts) -> Any:
+    """The condition pytree of a list of prompts, as this source encodes its captions; a
+    source labelled by class has none (ValueError, one line)."""
+    del prompts
+    raise ValueError(f"the data source {config.data.name!r} is labelled by class: give class "
+                     "labels, not prompts.")
 
   # -- checks ------------------------------------------------------------------------------------
 

@@ -62,5 +62,9 @@ class DigitsSource(InMemorySource):
 class Toy2DSource(InMemorySource):
   """2-D mixtures of Gaussians: scatter plots of the samples over the real points."""
 
+  @classmethod
+  def example_shape(cls, config) -> tuple:
+    return (2,)
+
   def save_grid(self, samples, path: str) -> None:
     grids.scatter_png([self.x, samples], ["grey", "red"], path)
