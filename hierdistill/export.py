@@ -7,8 +7,8 @@ workdir or its training config (launch/export.py writes it).
                            importer of published checkpoints reads it; any other network under
                            its Flax paths ('blocks_0/attn/qkv/kernel').
   null_condition.safetensors  text models: the empty prompt's embeddings (L, D) and mask (L,)
-  vae/                     latent models: the VAE's diffusers folder, copied (none when the run
-                           used random VAE weights: config.json says how to remake them)
+  vae.safetensors          latent models: the VAE's params under its Flax paths (config.json:
+                           its fields, latent scaling and statistics included)
   config.json              format and version, the network's class and fields, the sample
                            shape, the condition kind and its null, the time mapping and other
                            conventions, the VAE and its scaling, the teacher sampler, the
@@ -45,7 +45,7 @@ VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 NULL_FILE = "null_condition.safetensors"
-VAE_DIR = "vae"
+VAE_FILE = "vae.safetensors"
 GRID_FILE = "samples.png"
 GRID_SEED = 0
 
@@ -101,9 +101,21 @@ def write(gen, out_dir: str, *, run_config, eval_dir: Optional[str] = None,
     save_file({"embeddings": gen.conditions.null_embeddings, "mask": gen.conditions.null_mask},
               os.path.join(out_dir, NULL_FILE))
     files.append(NULL_FILE)
-  vae = _write_vae(run_config, out_dir)
-  if vae.get("folder"):
-    files += [os.path.join(VAE_DIR, f) for f in sorted(os.listdir(os.path.join(out_dir, VAE_DIR)))]
+  vae = {}
+  if gen.decoder is not None:
+    vae_model, vae_params = gen.decoder
+    save_file(dit_layout.flat_params(jax.device_get(vae_params)),
+              os.path.join(out_dir, VAE_FILE))
+    files.append(VAE_FILE)
+    run_vae = run_config.get("vae") or {}
+    vae = {"file": VAE_FILE, "class": type(vae_model).__name__,
+           "fields": module_fields(vae_model), "kind": run_vae.get("kind", "sd"),
+           "variant": run_vae.get("variant", ""),
+           "random_init": bool(run_vae.get("random_init", False)),
+           "scaling_factor": float(vae_model.scaling_factor),
+           "latents": "the model's x = scale * z + shift of the VAE latent z: scale = "
+                      "scaling_factor / latent_std, shift = -latent_mean * scale (per channel; "
+                      "0 and 1 when absent), models/vae.latent_affine"}
   for name, dest in (("metrics.json", "eval.json"), ("metrics.md", "eval.md")):
     if eval_dir and os.path.isfile(os.path.join(eval_dir, name)):
       shutil.copyfile(os.path.join(eval_dir, name), os.path.join(out_dir, dest))
@@ -137,24 +149,6 @@ def write(gen, out_dir: str, *, run_config, eval_dir: Optional[str] = None,
   with open(os.path.join(out_dir, "README.md"), "w") as f:
     f.write(model_card(meta, out_dir))
   return meta
-
-
-def _write_vae(run_config, out_dir: str) -> dict:
-  if "vae" not in run_config:
-    return {}
-  vae = run_config.vae
-  info = {"variant": vae.get("variant", ""), "scaling_factor": float(vae.scaling_factor),
-          "latents": "scaled: the model's x is the VAE latent times scaling_factor"}
-  if vae.random_init:
-    # Random weights (tests, runlocal): remade from these sizes by the same seeded draw.
-    info.update(random_init=True, sizes=_jsonable(vae.sizes.to_dict()))
-    return info
-  os.makedirs(os.path.join(out_dir, VAE_DIR))
-  for name in sorted(os.listdir(vae.path)):
-    if name.endswith((".json", ".safetensors")):
-      shutil.copyfile(os.path.join(vae.path, name), os.path.join(out_dir, VAE_DIR, name))
-  info.update(folder=VAE_DIR, copied_from=vae.path)
-  return info
 
 
 def module_fields(model) -> dict:
@@ -364,18 +358,27 @@ def _fit(params, abstract, where: str):
 
 
 def _vae(info: dict, path: str):
+  """(AutoencoderKL, params) stored in the export, checked against its fields."""
   if not info:
     return None
-  from hierdistill.convert import from_config  # pylint: disable=g-import-not-at-top
-  from hierdistill.convert import vae as convert_vae  # pylint: disable=g-import-not-at-top
-  scale = float(info["scaling_factor"])
-  if info.get("random_init"):
-    cfg = ml_collections.ConfigDict({"vae": {"random_init": True, "scaling_factor": scale,
-                                             "sizes": info["sizes"]}})
-    return from_config.load_vae(cfg)
-  model, params = convert_vae.load_vae(os.path.join(path, info["folder"]),
-                                       config_key="the export's vae/")
-  return model.clone(scaling_factor=scale), params
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  from hierdistill.models.registry import DTYPES  # pylint: disable=g-import-not-at-top
+  from hierdistill.models.vae import AutoencoderKL  # pylint: disable=g-import-not-at-top
+  fields = {k: (tuple(v) if isinstance(v, list) else
+                DTYPES[v] if k in ("dtype", "param_dtype") and isinstance(v, str) else v)
+            for k, v in info["fields"].items()}
+  file = os.path.join(path, info["file"])
+  try:
+    model = AutoencoderKL(**fields)
+    params = dit_layout.unflat_params(load_file(file))
+  except Exception as e:  # pylint: disable=broad-except  # bad fields or a bad file
+    raise ConfigError(f"{file} and the VAE of config.json do not load ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}); export the run again."
+                      ) from None
+  size = 4 * model.downsampling_factor
+  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                               jnp.zeros((1, size, size, 3)))["params"])
+  return model, _fit(params, abstract, file)
 
 
 # -- helpers -------------------------------------------------------------------------------------

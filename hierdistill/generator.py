@@ -203,10 +203,10 @@ class Generator:
       else:
         x = common.sample_teacher(sample_block, model, conditions, params, noise, c,
                                   num_steps=num_steps)
-      if decoder is not None:  # scaled latents -> pixels
-        from hierdistill.models.vae import AutoencoderKL  # pylint: disable=g-import-not-at-top
-        x = decoder.apply({"params": decoder_params}, x / decoder.scaling_factor,
-                          method=AutoencoderKL.decode)
+      if decoder is not None:  # the model's latents -> the VAE's -> pixels
+        from hierdistill.models import vae  # pylint: disable=g-import-not-at-top
+        x = decoder.apply({"params": decoder_params}, vae.unscale_latents(decoder, x),
+                          method=vae.AutoencoderKL.decode)
       return jnp.clip(x, -1.0, 1.0) if images_like or decoder is not None else x
 
     rep = shard_lib.replicated(self.mesh)

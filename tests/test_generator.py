@@ -348,5 +348,6 @@ def test_a_latent_run_decodes_and_exports(tmp_path):
   meta = export.export_run(workdir, out, grid_size=4)
   assert meta["weights"]["kind"] == "sit" and meta["vae"]["random_init"] is True
   assert meta["vae"]["scaling_factor"] == pytest.approx(config.vae.scaling_factor)
+  assert os.path.isfile(os.path.join(out, "vae.safetensors"))
   np.testing.assert_allclose(hierdistill.Generator.load(out, devices=jax.devices()[:1])(
       key, [1, 2]), images, atol=1e-5)
