@@ -76,7 +76,6 @@ def test_teacher_of_another_size_is_refused(tmp_path):
 def test_mock_source_smoke(tmp_path):
   """The runlocal source opens (mock files, DC-AE extraction, Gemma-2 null), and its pipeline
   gives scaled latents with their text condition."""
-  import jax
   from hierdistill import sharding as shard_lib
   c = mjhq_sana.get_config("runlocal")
   c.data.update(mock_num_examples=8, mock_mjhq_per_category=1, extract_batch_size=4)
@@ -92,7 +91,10 @@ def test_mock_source_smoke(tmp_path):
   grid = src.grid_conditions(8)
   np.testing.assert_array_equal(grid["mask"][0], grid["mask"][3])  # a row shares its prompt
   assert src.grid_prompts(8)[4] == c.sample.grid_prompts[1]
-  del jax
+  # The captions were encoded with 24 tokens: another length is refused before any compile.
+  c.text_encoder.max_sequence_length = 16
+  with pytest.raises(ConfigError, match="max_sequence_length=16 but the captions"):
+    source_lib.T2ISource(c, str(tmp_path), shard_lib.make_mesh(-1, 1))
 
 
 @pytest.mark.slow

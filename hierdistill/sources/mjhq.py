@@ -252,21 +252,21 @@ class T2ISource(DataSource):
         print(f"[data] mock image-caption set -> latents in {latents_dir}", flush=True)
         extract_from_config(config, latents_dir)
     check_files(config)  # before the encoder compiles
-    self.text_encoder = load_text_encoder(config)
-    self.conditions = cond_lib.Text(*self.text_encoder.null())
     try:
       self.dataset = text_latents.open_text_latents(latents_dir)
     except (FileNotFoundError, ValueError) as e:
       raise ConfigError(str(e)) from None
     self.name, self.shape = text_latents.NAME, tuple(self.dataset.shape)
     self.num_classes, self.examples = 0, self.dataset.num_examples
-    if self.text_encoder.max_sequence_length != len(self.conditions.null_mask) or int(
-        self.dataset.info.get("max_sequence_length", self.conditions.length)
-    ) != self.conditions.length:
-      raise ConfigError(
-          f"config.text_encoder.max_sequence_length={config.text_encoder.max_sequence_length} "
-          f"but {latents_dir} was encoded with {self.dataset.info.get('max_sequence_length')}; "
-          "set it to the extraction's")
+    # The captions were encoded at extraction: the run's encoder settings must be those.
+    t, info = config.text_encoder, self.dataset.info
+    for key, want in (("max_sequence_length", int(t.max_sequence_length)),
+                      ("use_instruction", bool(t.use_instruction))):
+      if key in info and info[key] != want:
+        raise ConfigError(f"config.text_encoder.{key}={want} but the captions in {latents_dir} "
+                          f"were encoded with {info[key]}; set it to the extraction's")
+    self.text_encoder = load_text_encoder(config)
+    self.conditions = cond_lib.Text(*self.text_encoder.null())
 
   # -- from the config alone (a trained generator is loaded without its data) -----------------
 
