@@ -18,6 +18,7 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from hierdistill import agreement
 from hierdistill import checkpoint as ckpt_lib
@@ -270,21 +271,11 @@ def run_stage(stage, *, config, workdir: str, mesh, pipeline, frozen: dict,
   samples_path = os.path.join(ckpt_lib.stage_dir(workdir, stage.name), f"samples_step{total}.png")
   if jax.process_index() == 0:
     save_grid(images, samples_path)
-    if images.ndim == 4:
-      writer.write_images(total, {f"{stage.name}/samples": _to_uint8_grid(images)})
+    # TensorBoard shows the picture the source drew (decoded latents, captions, scatter plots),
+    # not the raw samples: latents of 4 or 32 channels are no image.
+    with Image.open(samples_path) as picture:
+      drawn = np.asarray(picture.convert("RGB"))[None]
+    writer.write_images(total, {f"{stage.name}/samples": drawn})
   writer.flush()
   return StageResult(state=state, steps_run=total - start_step, wall_time_s=wall,
                      samples_path=samples_path, final_metrics=scalars)
-
-
-def _to_uint8_grid(images: np.ndarray) -> np.ndarray:
-  """A (1, H', W', C) uint8 mosaic for TensorBoard from images in [-1, 1]."""
-  n = images.shape[0]
-  cols = int(math.ceil(math.sqrt(n)))
-  rows = int(math.ceil(n / cols))
-  h, w, c = images.shape[1:]
-  canvas = np.zeros((rows * h, cols * w, c), np.float32)
-  for i in range(n):
-    r, q = divmod(i, cols)
-    canvas[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[i]
-  return ((np.clip(canvas, -1, 1) + 1) * 127.5).astype(np.uint8)[None]
