@@ -16,15 +16,20 @@ waits for a dead peer longer than that.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable, Optional
 
 import jax
 
-# Seconds between two stop checks (the check step is agreed, see StopAgreement): a check costs
-# about 2-5 ms of RPCs (benchmarks/stop_agreement.py), so its share of the wall time stays near
-# 0.2%, and a signal is acted on within about this long plus one step.
-STOP_CHECK_INTERVAL_S = 2.0
+# Seconds between two stop checks (the check step is agreed, see StopAgreement), at least: a
+# signal is acted on within about this long plus one step. A check costs a few ms of RPCs on an
+# idle machine, tens of ms on an overloaded one (benchmarks/stop_agreement.py). The environment
+# variable HIERDISTILL_STOP_CHECK_INTERVAL_S sets it (the same on every process).
+STOP_CHECK_INTERVAL_S = float(os.environ.get("HIERDISTILL_STOP_CHECK_INTERVAL_S", 2.0))
+# ... and at least this many times as long as a check took, so that checking never takes more
+# than 1/200 = 0.5% of the wall time, however slow the coordinator answers.
+CHECK_SPACING = 200
 # A barrier here waits for the slowest process: one still compiling a stage's first step, or
 # writing a checkpoint. A dead process ends the run sooner (heartbeats); past this the run is
 # stuck for another reason and stops with the coordination service's DEADLINE_EXCEEDED.
@@ -74,9 +79,10 @@ class StopAgreement:
   Call it after every step with the step number and this process's pending signal (None if it
   got none). It answers None, or the signal to stop by once any process got one. Processes
   exchange their signals only at check steps: the first step, then every STOP_CHECK_INTERVAL_S
-  seconds or so. Process 0 proposes the next check step from its measured steps/s (at least
-  one step ahead) and every process takes it from the exchange, so the check steps, and hence
-  the step a run stops at, are the same everywhere however the hosts' clocks and speeds differ.
+  seconds or so (or CHECK_SPACING times the last check's duration, if longer). Process 0
+  proposes the next check step from its measured steps/s (at least one step ahead) and every
+  process takes it from the exchange, so the check steps, and hence the step a run stops at,
+  are the same everywhere however the hosts' clocks and speeds differ.
   """
 
   def __init__(self, name: str, first_step: int, *, interval_s: Optional[float] = None,
@@ -88,6 +94,8 @@ class StopAgreement:
     self._next = first_step + 1
     self._last = (first_step, clock())
     self._previous_key: Optional[str] = None
+    self.check_s = 0.0  # how long the last check took (process 0)
+    self.spacing_s = self.interval_s  # the time process 0 aims to leave until the next check
 
   def __call__(self, step: int, signum: Optional[int]) -> Optional[int]:
     if jax.process_count() == 1:
@@ -97,12 +105,13 @@ class StopAgreement:
       return None
     client = _client()
     key = f"{_PREFIX}/stop/{self.name}/{step}"
+    start = self._clock()
     if jax.process_index() == 0:
-      (s0, t0), now = self._last, self._clock()
-      seconds_per_step = (now - t0) / max(step - s0, 1)
-      ahead = int(self.interval_s / seconds_per_step) if seconds_per_step > 0 else 1
+      s0, t0 = self._last
+      seconds_per_step = (start - t0) / max(step - s0, 1)
+      self.spacing_s = max(self.interval_s, CHECK_SPACING * self.check_s)
+      ahead = int(self.spacing_s / seconds_per_step) if seconds_per_step > 0 else 1
       client.key_value_set(f"{key}/next", str(step + max(ahead, 1)))
-      self._last = (step, now)
     if signum is not None:
       client.key_value_set(f"{key}/signal/{jax.process_index()}", str(int(signum)))
     client.wait_at_barrier(key, BARRIER_TIMEOUT_S * 1000)
@@ -112,6 +121,8 @@ class StopAgreement:
       client.key_value_delete(self._previous_key)
     self._previous_key = key
     self._next = int(said[f"{key}/next"])
+    self._last = (step, self._clock())
+    self.check_s = self._last[1] - start
     signals = {int(k.rsplit("/", 1)[1]): int(v) for k, v in said.items() if "/signal/" in k}
     self.signalled = sorted(signals)
     return min(signals.values()) if signals else None

@@ -158,8 +158,25 @@ def test_one_signalled_process_stops_both_at_one_saved_step_and_resume_agrees(tm
   assert_same_checkpoint(workdir, str(tmp_path / "reference"), "toy", final)
 
 
+def test_nonfinite_rows_on_one_process_stop_both_at_one_step(tmp_path):
+  """NaN rows in process 1's share of the batch from step 30: the step is non-finite for both
+  (one global loss), both skip it, and both stop with NonFiniteError at the same step (the
+  checkpoint at 40, the first read of the counters after the streak reached 3)."""
+  reason = _gloo_available()
+  if reason:
+    pytest.skip(f"no multi-process CPU collectives: {reason}")
+  workdir = str(tmp_path / "run")
+  run = toy_pair(workdir, 200, "nan", nan_from_step=29)  # the batch of step 30
+  assert run.wait() == [1, 1], run.describe()
+  for i in range(2):
+    assert re.search(r"toy: \d+ steps in a row had a non-finite loss or gradient "
+                     r"\(config\.max_consecutive_nonfinite=3; seen at step 40, 11 skipped in all\)",
+                     run.text(i)), run.describe()
+  assert ckpt_lib.saved_steps(workdir, "toy") == []  # step 40 stopped before its save
+
+
 # -- slow: launch/main.py on the tiny digits stages ---------------------------------------------
-STEPS = 24  # a stage's steps; the signal lands in the first third, the agreed stop follows
+STEPS = 32  # a stage's steps; the signal lands in the first quarter, the agreed stop follows
 HEARTBEAT_S = 20  # --heartbeat_timeout_s of the launches: the documented bound, shortened
 
 
@@ -199,17 +216,19 @@ def launch_pair(setup, workdir, stage, name):
     # No persistent compilation cache: with one, a process that loads a step while the other
     # compiles it reaches the first collective far ahead, and gloo gives up on setting up a
     # communicator after 30 s.
+    # Checks at least every 0.2 s (200 check durations if longer), so that the stop comes
+    # before the stage's end however fast the steps are.
     env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(i))
+               JAX_PROCESS_ID=str(i), HIERDISTILL_STOP_CHECK_INTERVAL_S="0.2")
     envs.append(env)
   return Pair([args, args], envs, f"{workdir}.{name}")
 
 
 def signal_at_random_step(setup, workdir, stage, sig, rng, name):
   """Launches the pair and sends `sig` to one of its processes at a random step of the first
-  third; returns (pair, the process signalled)."""
+  quarter; returns (pair, the process signalled)."""
   pair = launch_pair(setup, workdir, stage, name)
-  target = rng.randint(2, STEPS // 3)
+  target = rng.randint(2, STEPS // 4)
   pair.wait_for(lambda: f"[{stage}] step {target}/" in pair.text(0, "out"), f"step {target}")
   time.sleep(rng.uniform(0.0, 0.1))
   victim = rng.randint(0, 1)
