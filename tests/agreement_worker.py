@@ -83,17 +83,6 @@ class Pipeline:
     return {"x": x, "c": rng.integers(0, 10, size=(self._rows,)).astype(np.int32)}
 
 
-class Writer:
-  def write_scalars(self, step, scalars):
-    del step, scalars
-
-  def write_images(self, step, images):
-    del step, images
-
-  def flush(self):
-    pass
-
-
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--process_id", type=int, required=True)
@@ -113,7 +102,8 @@ def main(argv=None) -> None:
   from ml_collections import ConfigDict  # pylint: disable=g-import-not-at-top
   from hierdistill import agreement  # pylint: disable=g-import-not-at-top
   from hierdistill import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from hierdistill import sharding  # pylint: disable=g-import-not-at-top
+  from hierdistill import event_writer, sharding  # pylint: disable=g-import-not-at-top
+  from hierdistill.evaluation import grids  # pylint: disable=g-import-not-at-top
   from hierdistill.stages import loop  # pylint: disable=g-import-not-at-top
 
   sharding.initialize_distributed(f"127.0.0.1:{args.port}", NUM_PROCESSES, args.process_id,
@@ -146,7 +136,7 @@ def main(argv=None) -> None:
         pipeline=Pipeline(16, jax.process_index(),
                           args.nan_from_step if jax.process_index() == 1 else -1), frozen={},
         init_inputs=lambda abstract=False: {}, grid=(noise, np.zeros((2,), np.int32)),
-        writer=Writer(), save_grid=lambda images, path: None)
+        writer=event_writer.NullWriter(), save_grid=grids.save_image_grid)
   except loop.Preempted as e:
     print(e, file=sys.stderr, flush=True)
     sys.exit(loop.PREEMPTED_EXIT_CODE)

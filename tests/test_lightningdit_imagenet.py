@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments import imagenet256
-from hierdistill import pipeline
+from hierdistill import event_writer, pipeline
 from hierdistill.config_checks import ConfigError, validate_config
 from hierdistill.convert import from_config
 from hierdistill.data import imagenet_latents as il
@@ -143,23 +143,12 @@ def test_chain_distils_an_imported_lightningdit_file_on_va_vae_latents(tmp_path)
   safetensors_numpy.save_file(sd, c.teacher.init_checkpoint)
   # Not the TensorBoard writer: stages/loop.py sends the raw latent samples to it as images,
   # which it cannot encode with 32 channels (reported; loop.py is not ours to change here).
-  summary = pipeline.run(c, str(tmp_path / "run"), writer=_NullWriter())
+  summary = pipeline.run(c, str(tmp_path / "run"), writer=event_writer.NullWriter())
   assert [r["model"] for r in summary["eval"]["rows"]] == [
       "teacher (3 steps)", "stage 1 (TD) (1 step)", "stage 2 (HD) (1 step)"]
   for stage in ("trajectory", "distribution"):
     assert np.isfinite(summary["stages"][stage]["final_metrics"]["loss"])
   assert all(np.isfinite(r["FD-random-inception"]) for r in summary["eval"]["rows"])
-
-
-class _NullWriter:
-  def write_scalars(self, step, scalars):
-    del step, scalars
-
-  def write_images(self, step, images):
-    del step, images
-
-  def flush(self):
-    pass
 
 
 def test_an_unknown_vae_kind_is_one_line():
