@@ -97,6 +97,31 @@ def test_mock_source_smoke(tmp_path):
     source_lib.T2ISource(c, str(tmp_path), shard_lib.make_mesh(-1, 1))
 
 
+def test_teacher_reals_command(tmp_path):
+  """extract_from_config with real_source='teacher' (launch/extract_t2i_latents.py): the
+  imported teacher samples each training prompt with config.sample's solver and CFG; the shards
+  hold its latents (unscaled) and the prompts, in order."""
+  from hierdistill.data import text_latents as tl
+  c = mjhq_sana.get_config("runlocal")
+  c.data.update(mock_num_examples=4, mock_mjhq_per_category=1, teacher_steps=2, num_shards=1,
+                extract_batch_size=4)
+  source_lib.prepare_mock(c, str(tmp_path))  # the tiny teacher, tokenizers
+  prompts = ["a red circle on a white background", "a blue bar on a black background"]
+  (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+  c.data.update(real_source="teacher", prompts_file=str(tmp_path / "prompts.txt"))
+  out = str(tmp_path / "reals")
+  assert source_lib.extract_from_config(c, out, log=lambda *_: None)["written"] == 1
+  ds = tl.open_text_latents(out)
+  assert ds.info["real_source"] == "teacher" and ds.shape == (8, 8, 4)
+  assert ds.info["sampler"] == "dpm++2m, 2 steps, CFG 4.5, shift 3.0"
+  recs = tl.read_all(ds)
+  assert [r["caption"] for r in recs] == prompts
+  assert all(np.isfinite(r["latent"].astype(np.float32)).all() for r in recs)
+  c.data.real_source = "video"
+  with pytest.raises(ConfigError, match="real_source='video'"):
+    source_lib.extract_from_config(c, out)
+
+
 @pytest.mark.slow
 def test_runlocal_chain_and_mjhq_eval(tmp_path):
   """experiments/mjhq_sana.py:runlocal end to end: stage 1, stage 2 and the MJHQ evaluation

@@ -193,6 +193,9 @@ def extract_from_config(config, out_dir: str, *, log=print) -> Dict[str, int]:
   images_dir through DC-AE) or 'teacher' (prompts_file through the teacher's sampler: the
   teacher at data.teacher_steps with config.sample's solver, shift and CFG)."""
   d = config.data
+  if d.real_source not in text_latents.SOURCES:
+    raise ConfigError(f"config.data.real_source={d.real_source!r}; choose from "
+                      f"{text_latents.SOURCES}")
   encoder = load_text_encoder(config)
   info = {"text_encoder": "random (tests)" if config.text_encoder.random_init
           else config.text_encoder.path, "use_instruction": bool(
@@ -233,8 +236,7 @@ def extract_from_config(config, out_dir: str, *, log=print) -> Dict[str, int]:
                                 "sampler": f"{s.teacher_method}, {d.teacher_steps} steps, CFG "
                                            f"{s.cfg_scale}, shift {s.get('shift', 1.0)}"},
         **common)
-  raise ConfigError(f"config.data.real_source={d.real_source!r}; choose from "
-                    f"{text_latents.SOURCES}")
+  raise AssertionError(d.real_source)  # unreachable: checked above
 
 
 # -- the source ------------------------------------------------------------------------------------
