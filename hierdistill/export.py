@@ -1,5 +1,6 @@
-"""An exported generator: one directory that loads with Generator.load(DIR) without the run's
-workdir or its training config (launch/export.py writes it).
+"""An exported generator's files: one directory that loads with Generator.load(DIR) without the
+run's workdir or its training config. This module writes and reads the files (write, read);
+generator.export_run and generator.write_export make an export from a run (launch/export.py).
 
   model.safetensors        the network's params, float32. A label DiT (the DiT/SiT module
                            tree) in the published DiT/SiT key layout plus the student's
@@ -61,34 +62,10 @@ def is_export(path: str) -> bool:
 
 # -- writing ---------------------------------------------------------------------------------------
 
-def export_run(workdir: str, out_dir: str, stage: Optional[str] = None, *,
-               grid_size: int = 64) -> dict:
-  """Exports a run's generator (its last finished stage, or `stage`) to out_dir; returns the
-  export's config. out_dir must not hold anything yet (nothing is overwritten)."""
-  # pylint: disable-next=g-import-not-at-top
-  from hierdistill.generator import Generator, read_run_config
-  if os.path.exists(out_dir) and os.listdir(out_dir):
-    raise ConfigError(f"--out={out_dir} is not empty; give a new directory (an export never "
-                      "overwrites files).")
-  config = read_run_config(workdir)
-  gen = Generator.from_workdir(workdir, stage)
-  tmp = f"{os.path.normpath(out_dir)}.partial-{os.getpid()}"
-  os.makedirs(tmp)
-  try:
-    meta = write(gen, tmp, run_config=config, eval_dir=os.path.join(workdir, "eval"),
-                 grid_size=grid_size)
-    if os.path.isdir(out_dir):
-      os.rmdir(out_dir)  # empty: checked above
-    os.replace(tmp, out_dir)  # a killed export leaves only <out>.partial-<pid>
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return meta
-
-
-def write(gen, out_dir: str, *, run_config, eval_dir: Optional[str] = None,
-          grid_size: int = 64) -> dict:
-  """Writes the generator's files into out_dir (see the module docstring)."""
+def write(gen, out_dir: str, *, run_config, eval_dir: Optional[str] = None) -> dict:
+  """Writes the generator's weights, null condition, VAE, eval table and config.json into
+  out_dir (see the module docstring); the sample grid and model card follow once the export
+  loads (generator.write_export). Returns config.json's contents."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   model = gen.model
   params = jax.device_get(gen.params)
@@ -141,13 +118,6 @@ def write(gen, out_dir: str, *, run_config, eval_dir: Optional[str] = None,
   with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
     json.dump(meta, f, indent=2)
 
-  # The grid comes from the export itself, loaded as a user would: what it shows is what loads.
-  exported = load(out_dir)
-  labels_or_prompts = grid_conditions(exported, grid_size)
-  samples = exported(jax.random.PRNGKey(GRID_SEED), labels_or_prompts)
-  save_samples(samples, os.path.join(out_dir, GRID_FILE), exported, labels_or_prompts)
-  with open(os.path.join(out_dir, "README.md"), "w") as f:
-    f.write(model_card(meta, out_dir))
   return meta
 
 
@@ -287,10 +257,10 @@ def read_meta(path: str) -> dict:
   return meta
 
 
-def load(path: str, *, devices=None):
-  """Generator of an export (Generator.load calls this for an export directory)."""
+def read(path: str) -> dict:
+  """What a Generator is made of, read from an export: the keyword arguments of
+  generator.Generator but devices (Generator.load builds it)."""
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  from hierdistill.generator import Generator  # pylint: disable=g-import-not-at-top
   from hierdistill.models import registry  # pylint: disable=g-import-not-at-top
   meta = read_meta(path)
   try:
@@ -320,10 +290,9 @@ def load(path: str, *, devices=None):
   params = _fit(params, abstract, weights)
   decoder = _vae(meta.get("vae") or {}, path)
   info = dict(meta.get("source", {}), export=os.path.abspath(path))
-  return Generator(model=model, params=params, conditions=conditions, shape=shape,
-                   role=meta["role"], sample_config=meta["sample"],
-                   data_name=meta["data"]["name"], model_config={"name": m["name"], **fields},
-                   decoder=decoder, info=info, devices=devices)
+  return dict(model=model, params=params, conditions=conditions, shape=shape,
+              role=meta["role"], sample_config=meta["sample"], data_name=meta["data"]["name"],
+              model_config={"name": m["name"], **fields}, decoder=decoder, info=info)
 
 
 def _conditions(desc: dict, path: str):

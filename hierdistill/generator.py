@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any, Optional, Sequence
 
 import jax
@@ -33,6 +34,7 @@ import numpy as np
 
 from hierdistill import checkpoint as ckpt_lib
 from hierdistill import conditions as cond_lib
+from hierdistill import export
 from hierdistill import sampling
 from hierdistill import sharding as shard_lib
 from hierdistill import sources
@@ -79,11 +81,10 @@ class Generator:
     if not os.path.isdir(path):
       raise ConfigError(f"{path}: no such directory; give a run's workdir or an exported "
                         "generator (launch/export.py).")
-    from hierdistill import export  # pylint: disable=g-import-not-at-top
     if export.is_export(path):
       if stage is not None:
         raise ConfigError(f"{path} is an exported generator (one network); drop stage={stage!r}.")
-      return export.load(path, devices=devices)
+      return cls(**export.read(path), devices=devices)
     return cls.from_workdir(path, stage, devices=devices)
 
   @classmethod
@@ -285,3 +286,43 @@ def _vae_of(config):
     return from_config.load_vae(config)
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(f"the run's VAE does not load ({str(e).splitlines()[0]}).") from None
+
+
+# -- export ------------------------------------------------------------------------------------
+
+def write_export(gen: Generator, out_dir: str, *, run_config, eval_dir: Optional[str] = None,
+                 grid_size: int = 64) -> dict:
+  """export.write's files, then the sample grid and the model card. The grid comes from the
+  export itself, loaded as a user would: what it shows is what loads."""
+  meta = export.write(gen, out_dir, run_config=run_config, eval_dir=eval_dir)
+  exported = Generator.load(out_dir)
+  labels_or_prompts = export.grid_conditions(exported, grid_size)
+  samples = exported(jax.random.PRNGKey(export.GRID_SEED), labels_or_prompts)
+  export.save_samples(samples, os.path.join(out_dir, export.GRID_FILE), exported,
+                      labels_or_prompts)
+  with open(os.path.join(out_dir, "README.md"), "w") as f:
+    f.write(export.model_card(meta, out_dir))
+  return meta
+
+
+def export_run(workdir: str, out_dir: str, stage: Optional[str] = None, *,
+               grid_size: int = 64) -> dict:
+  """Exports a run's generator (its last finished stage, or `stage`) to out_dir; returns the
+  export's config. out_dir must not hold anything yet (nothing is overwritten)."""
+  if os.path.exists(out_dir) and os.listdir(out_dir):
+    raise ConfigError(f"--out={out_dir} is not empty; give a new directory (an export never "
+                      "overwrites files).")
+  config = read_run_config(workdir)
+  gen = Generator.from_workdir(workdir, stage)
+  tmp = f"{os.path.normpath(out_dir)}.partial-{os.getpid()}"
+  os.makedirs(tmp)
+  try:
+    meta = write_export(gen, tmp, run_config=config, eval_dir=os.path.join(workdir, "eval"),
+                        grid_size=grid_size)
+    if os.path.isdir(out_dir):
+      os.rmdir(out_dir)  # empty: checked above
+    os.replace(tmp, out_dir)  # a killed export leaves only <out>.partial-<pid>
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return meta

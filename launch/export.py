@@ -43,11 +43,11 @@ def main(argv):
   if not FLAGS["from"].value or not FLAGS.out:
     _fail("--from=WORKDIR and --out=DIR are required, e.g. --from=runs/digits "
           "--out=exports/digits.")
-  from hierdistill import export  # pylint: disable=g-import-not-at-top
+  from hierdistill import generator  # pylint: disable=g-import-not-at-top
   from hierdistill.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
   try:
-    meta = export.export_run(FLAGS["from"].value, FLAGS.out, FLAGS.stage,
-                             grid_size=FLAGS.grid_size)
+    meta = generator.export_run(FLAGS["from"].value, FLAGS.out, FLAGS.stage,
+                                grid_size=FLAGS.grid_size)
   except ConfigError as e:
     _fail(str(e))
   except OSError as e:

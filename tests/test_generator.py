@@ -15,7 +15,7 @@ import pytest
 
 import hierdistill
 from experiments import digits
-from hierdistill import export
+from hierdistill import generator
 from hierdistill import pipeline
 from hierdistill.config_checks import ConfigError
 from hierdistill.convert import dit as convert_dit
@@ -65,7 +65,7 @@ def exported(run, tmp_path_factory):
   copy = str(tmp_path_factory.mktemp("copy") / "run")
   shutil.copytree(run[0], copy)
   out = str(tmp_path_factory.mktemp("exports") / "digits")
-  export.export_run(copy, out)
+  generator.export_run(copy, out)
   shutil.rmtree(copy)
   return out
 
@@ -239,7 +239,7 @@ def test_a_damaged_or_mismatched_export_is_one_line(exported, tmp_path):
 def test_export_refuses_a_directory_that_is_not_empty(run, tmp_path):
   (tmp_path / "x").write_text("keep me")
   with pytest.raises(ConfigError, match="is not empty"):
-    export.export_run(run[0], str(tmp_path))
+    generator.export_run(run[0], str(tmp_path))
   assert (tmp_path / "x").read_text() == "keep me"
 
 
@@ -280,7 +280,7 @@ def test_a_text_generator_reads_prompts_and_exports(tmp_path):
     gen(key, [3])
   out = str(tmp_path / "text_export")
   os.makedirs(out)
-  export.write(gen, out, run_config=config, grid_size=20)
+  generator.write_export(gen, out, run_config=config, grid_size=20)
   meta = json.load(open(os.path.join(out, "config.json")))
   assert meta["weights"]["layout"] == "flax paths"
   assert meta["conditions"]["kind"] == "text" and meta["conditions"]["null_prompt"] == ""
@@ -345,7 +345,7 @@ def test_a_latent_run_decodes_and_exports(tmp_path):
   images = gen(key, [1, 2])
   assert images.shape == (2, size, size, 3) and np.abs(images).max() <= 1.0
   out = str(tmp_path / "export")
-  meta = export.export_run(workdir, out, grid_size=4)
+  meta = generator.export_run(workdir, out, grid_size=4)
   assert meta["weights"]["kind"] == "sit" and meta["vae"]["random_init"] is True
   assert meta["vae"]["scaling_factor"] == pytest.approx(config.vae.scaling_factor)
   assert os.path.isfile(os.path.join(out, "vae.safetensors"))
