@@ -42,8 +42,7 @@ class DigitsTextSource(DataSource):
     self.captions = [text_lib.caption(int(k), int(s), int(l))
                      for k, (s, l) in zip(self.y, self.words)]
     self.encoded = text_lib.encode(self.captions)
-    null = text_lib.encode([""])
-    self.conditions = cond_lib.Text(null["embeddings"][0], null["mask"][0])
+    self.conditions = self.condition_kind(config)
 
   def make_pipeline(self, global_batch_size: int, seed: int):
     return data_lib.InMemoryPipeline(
@@ -52,6 +51,8 @@ class DigitsTextSource(DataSource):
 
   @classmethod
   def condition_kind(cls, config) -> cond_lib.Text:
+    """The text kind whose null is the empty prompt's encoding."""
+    del config  # the encoder is fixed
     null = text_lib.encode([""])
     return cond_lib.Text(null["embeddings"][0], null["mask"][0])
 
