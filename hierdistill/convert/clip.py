@@ -16,8 +16,8 @@ import os
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
-from flax import traverse_util
 
+from hierdistill.convert import fill
 from hierdistill.convert.torch_files import load_state_dict
 
 WHERE_PUBLISHED = ("openai/clip-vit-large-patch14 on the Hugging Face Hub (config.json and "
@@ -111,31 +111,24 @@ def import_clip(state_dict: Dict[str, np.ndarray], model, *, path: str = "<state
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   pixels = jnp.zeros((1, model.image_size, model.image_size, 3))
   shapes = jax.eval_shape(model.init, jax.random.key(0), pixels, jnp.zeros((1, 4), jnp.int32))
-  want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(shapes["params"]).items()}
-  flat = {}
-  for key, value in state_dict.items():
-    target, how = flax_path(key)
-    value = np.asarray(value)
-    if how == "buffer":
-      if not np.array_equal(value.reshape(-1), np.arange(value.size)):
-        raise ValueError(f"{key} in {path} is not 0, 1, 2, ...; this CLIP uses positions in "
-                         f"order (as {WHERE_PUBLISHED})")
-      continue
-    if how == "unknown" or target not in want:
-      raise ValueError(f"unexpected key {key!r} in {path} (expected the CLIPModel layout of "
-                       f"{WHERE_PUBLISHED}; check the layer counts)")
-    array = {"transpose": lambda a: a.T, "conv": lambda a: a.transpose(2, 3, 1, 0)}.get(
-        how, lambda a: a)(value)
-    if array.shape != want[target]:
-      raise ValueError(f"{key} in {path} has shape {tuple(value.shape)}, CLIP expects "
-                       f"{want[target]} (after layout); check the sizes against "
-                       f"{WHERE_PUBLISHED}")
-    flat[target] = array.astype(dtype)
-  missing = [k for k in want if k not in flat]
-  if missing:
-    raise ValueError(f"{path} lacks {hf_key(missing[0])} ({len(missing)} params missing; "
-                     f"expected the layout of {WHERE_PUBLISHED})")
-  return traverse_util.unflatten_dict(flat)
+  layouts = {"transpose": lambda a: a.T, "conv": lambda a: a.transpose(2, 3, 1, 0)}
+
+  def entries():
+    for key, value in state_dict.items():
+      target, how = flax_path(key)
+      value = np.asarray(value)
+      if how == "buffer":
+        if not np.array_equal(value.reshape(-1), np.arange(value.size)):
+          raise ValueError(f"{key} in {path} is not 0, 1, 2, ...; this CLIP uses positions in "
+                           f"order (as {WHERE_PUBLISHED})")
+        continue
+      yield (path, key, None if how == "unknown" else target, value,
+             lambda v, ndim, how=how: layouts.get(how, lambda a: a)(v))
+
+  return fill.fill_params(
+      entries(), fill.param_shapes(shapes["params"]), layout="the CLIPModel layout",
+      where=WHERE_PUBLISHED, hint="check the layer counts", model="CLIP", source=path,
+      missing_name=hf_key, dtype=dtype)
 
 
 def load_clip(path: str, *, config_key: str = "config.clip.path",

@@ -20,8 +20,8 @@ import os
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
-from flax import traverse_util
 
+from hierdistill.convert import fill
 from hierdistill.convert.torch_files import load_state_dict
 
 WHERE_PUBLISHED = ("Efficient-Large-Model/gemma-2-2b-it or google/gemma-2-2b-it on the Hugging "
@@ -129,29 +129,20 @@ def import_gemma2(files: List[str], model, *, dtype=np.float32) -> Dict[str, Any
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   ids = jnp.zeros((1, 4), jnp.int32)
   shapes = jax.eval_shape(model.init, jax.random.key(0), ids, ids)["params"]
-  want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(shapes).items()}
-  flat: Dict[Tuple[str, ...], np.ndarray] = {}
-  for name, key, value in _entries(files):
-    bare = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
-    if bare.startswith(_DROPPED):
-      continue
-    target, how = flax_path(bare)
-    if how == "unknown" or target not in want:
-      raise ValueError(f"unexpected key {key!r} in {name} (expected the Gemma2 layout of "
-                       f"{WHERE_PUBLISHED}; check num_layers and the file)")
-    array = np.asarray(value)
-    array = array.T if how == "transpose" else array
-    if array.shape != want[target]:
-      raise ValueError(f"{key} in {name} has shape {tuple(value.shape)}, the encoder expects "
-                       f"{want[target]} (after layout); check the sizes against "
-                       f"{WHERE_PUBLISHED}")
-    flat[target] = array.astype(dtype)
-  missing = [k for k in want if k not in flat]
-  if missing:
-    raise ValueError(f"{', '.join(files)} lack{'s' if len(files) == 1 else ''} "
-                     f"{hf_key(missing[0])} ({len(missing)} params missing; expected the "
-                     f"layout of {WHERE_PUBLISHED})")
-  return traverse_util.unflatten_dict(flat)
+
+  def entries():
+    for name, key, value in _entries(files):
+      bare = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+      if bare.startswith(_DROPPED):
+        continue
+      target, how = flax_path(bare)
+      yield (name, key, None if how == "unknown" else target, value,
+             lambda v, ndim, how=how: np.asarray(v).T if how == "transpose" else np.asarray(v))
+
+  return fill.fill_params(
+      entries(), fill.param_shapes(shapes), layout="the Gemma2 layout", where=WHERE_PUBLISHED,
+      hint="check num_layers and the file", model="the encoder",
+      source=", ".join(files), missing_name=hf_key, dtype=dtype)
 
 
 def load_gemma2(path: str, *, config_key: str = "config.text_encoder.path",

@@ -17,8 +17,8 @@ import os
 from typing import Any, Dict, Tuple
 
 import numpy as np
-from flax import traverse_util
 
+from hierdistill.convert import fill
 from hierdistill.convert.torch_files import load_state_dict
 
 WHERE_PUBLISHED = ("stabilityai/sd-vae-ft-ema on the Hugging Face Hub (config.json and "
@@ -88,25 +88,16 @@ def import_vae(state_dict: Dict[str, np.ndarray], model, *, path: str = "<state 
   size = 8 * model.downsampling_factor
   shapes = jax.eval_shape(model.init, jax.random.key(0),
                           jnp.zeros((1, size, size, model.in_channels)))["params"]
-  want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(shapes).items()}
-  flat = {}
-  for key, value in state_dict.items():
-    target, how = flax_path(key)
-    if target not in want:
-      raise ValueError(f"unexpected key {key!r} in {path} (expected the diffusers "
-                       f"AutoencoderKL layout of {WHERE_PUBLISHED}; check block_out_channels "
-                       "and layers_per_block)")
-    array = _layout(np.asarray(value, np.float32), how, len(want[target]))
-    if array.shape != want[target]:
-      raise ValueError(f"{key} in {path} has shape {tuple(value.shape)}, the VAE expects "
-                       f"{want[target]} (after layout) (check the VAE config against "
-                       f"{WHERE_PUBLISHED})")
-    flat[target] = array.astype(dtype)
-  missing = [k for k in want if k not in flat]
-  if missing:
-    raise ValueError(f"{path} lacks {'/'.join(missing[0])} ({len(missing)} params missing; "
-                     f"expected the layout of {WHERE_PUBLISHED})")
-  return traverse_util.unflatten_dict(flat)
+  def entries():
+    for key, value in state_dict.items():
+      target, how = flax_path(key)
+      yield path, key, target, value, lambda v, ndim, how=how: _layout(
+          np.asarray(v, np.float32), how, ndim)
+
+  return fill.fill_params(
+      entries(), fill.param_shapes(shapes), layout="the diffusers AutoencoderKL layout",
+      where=WHERE_PUBLISHED, hint="check block_out_channels and layers_per_block",
+      model="the VAE", source=path, dtype=dtype)
 
 
 def load_vae(path: str, *, config_key: str = "config.vae.path", overrides=None, dtype=np.float32):

@@ -30,8 +30,8 @@ import re
 from typing import Any, Dict, Tuple
 
 import numpy as np
-from flax import traverse_util
 
+from hierdistill.convert import fill
 from hierdistill.convert import vae as convert_vae
 from hierdistill.convert.torch_files import load_state_dict
 
@@ -75,26 +75,21 @@ def import_vavae(state_dict: Dict[str, np.ndarray], model, *, path: str = "<stat
   size = 8 * model.downsampling_factor
   shapes = jax.eval_shape(model.init, jax.random.key(0),
                           jnp.zeros((1, size, size, model.in_channels)))["params"]
-  want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(shapes).items()}
   levels = len(tuple(model.block_out_channels))
-  flat = {}
-  for key, value in state_dict.items():
-    if key.startswith(TRAINING_ONLY):
-      continue
-    target, how = convert_vae.flax_path(diffusers_key(key, levels))
-    if target not in want:
-      raise ValueError(f"unexpected key {key!r} in {path} (expected the LDM AutoencoderKL "
-                       f"layout of {WHERE_PUBLISHED}; check the VAE sizes and attention_levels)")
-    array = convert_vae._layout(np.asarray(value, np.float32), how, len(want[target]))  # pylint: disable=protected-access
-    if array.shape != want[target]:
-      raise ValueError(f"{key} in {path} has shape {tuple(value.shape)}, the VAE expects "
-                       f"{want[target]} after layout (expected {WHERE_PUBLISHED})")
-    flat[target] = array.astype(dtype)
-  missing = [k for k in want if k not in flat]
-  if missing:
-    raise ValueError(f"{path} lacks the weights of {'/'.join(missing[0])} ({len(missing)} "
-                     f"params missing; expected the layout of {WHERE_PUBLISHED})")
-  return traverse_util.unflatten_dict(flat)
+  layout = convert_vae._layout  # pylint: disable=protected-access  (the same diffusers layouts)
+
+  def entries():
+    for key, value in state_dict.items():
+      if key.startswith(TRAINING_ONLY):
+        continue
+      target, how = convert_vae.flax_path(diffusers_key(key, levels))
+      yield path, key, target, value, lambda v, ndim, how=how: layout(
+          np.asarray(v, np.float32), how, ndim)
+
+  return fill.fill_params(
+      entries(), fill.param_shapes(shapes), layout="the LDM AutoencoderKL layout",
+      where=WHERE_PUBLISHED, hint="check the VAE sizes and attention_levels", model="the VAE",
+      source=path, dtype=dtype)
 
 
 def load_vavae(path: str, *, config_key: str = "config.vae.path", dtype=np.float32):
