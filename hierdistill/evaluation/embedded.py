@@ -74,11 +74,6 @@ class ReferenceScorer:
 
   def __call__(self, samples: np.ndarray, labels: Optional[np.ndarray]) -> dict:
     """The metric columns; labels: the class each sample was asked for (None: not scored)."""
-    row, _ = self.score(samples, labels)
-    return row
-
-  def score(self, samples: np.ndarray, labels: Optional[np.ndarray]):
-    """(metric columns, the classifier's logits or None)."""
     feats, logits = self.features(samples)
     mu, sigma = ev.feature_statistics(feats)
     precision, recall = ev.precision_recall(self.ref_features, feats, k=3)
@@ -92,7 +87,7 @@ class ReferenceScorer:
     if self.is_points:
       row["mode_coverage"] = ev.mode_coverage(samples, self.modes, self.std)
       row["off_mode_fraction"] = ev.off_mode_fraction(samples, self.modes, self.std)
-    return {k: float(v) for k, v in row.items()}, logits
+    return {k: float(v) for k, v in row.items()}
 
 
 class Evaluator:
