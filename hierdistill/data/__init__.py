@@ -10,7 +10,7 @@ in [0, num_classes).
                                  process_count=jax.process_count())
     batch = pipe.batch(step)  # dict(x=..., c=...), this process's rows
 
-tensorflow_datasets is imported only when the digits are asked for.
+tensorflow_datasets is imported only when the digits or Fashion-MNIST are asked for.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from hierdistill.data.pipeline import InMemoryPipeline
 
 # The sets load_dataset holds in memory (imagenet256_latents is read from its shards by
 # data/imagenet_latents.py; sources/ lists every data source a run can name).
-DATASETS = ("digits8x8",) + toy2d.NAMES
+DATASETS = ("digits8x8", "fashion_mnist") + toy2d.NAMES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +47,10 @@ def load_dataset(name: str, split: str = "train", data_dir: str | None = None,
   """Loads an embedded data set by name.
 
   Args:
-    name: 'digits8x8', '8gaussians' or '25gaussians'.
+    name: 'digits8x8', 'fashion_mnist', '8gaussians' or '25gaussians'.
     split: 'train' or 'test'. Toy sets draw their test split from another seed.
-    data_dir: tfds data dir for the digits (built there on first use); unused by toy sets.
+    data_dir: tfds data dir for the image sets (built there on first use); unused by toy sets.
+      Fashion-MNIST is built from the IDX files in $FASHION_MNIST_DIR (data/fashion_mnist.py).
     seed: the toy sets' training seed (their test split uses seed + 1); unused by the digits.
   """
   if name == "digits8x8":
@@ -59,6 +60,13 @@ def load_dataset(name: str, split: str = "train", data_dir: str | None = None,
 
     x, y = digits.load_digits_split(split, data_dir)
     return ArrayDataset(name, x, y, digits.NUM_CLASSES, digits.SHAPE)
+  if name == "fashion_mnist":
+    if data_dir is None:
+      raise ValueError("Fashion-MNIST needs a data_dir to be built in")
+    from hierdistill.data import fashion_mnist  # pylint: disable=g-import-not-at-top
+
+    x, y = fashion_mnist.load_split(split, data_dir)
+    return ArrayDataset(name, x, y, fashion_mnist.NUM_CLASSES, fashion_mnist.SHAPE)
   if name in toy2d.NAMES:
     if split not in ("train", "test"):
       raise ValueError(f"split must be 'train' or 'test', got {split!r}")

@@ -16,6 +16,7 @@ import importlib
 # config.data.name -> "module:class". The toy mixtures share one class.
 SOURCES = {
     "digits8x8": "hierdistill.sources.embedded:DigitsSource",
+    "fashion_mnist": "hierdistill.sources.embedded:FashionMnistSource",
     "8gaussians": "hierdistill.sources.embedded:Toy2DSource",
     "25gaussians": "hierdistill.sources.embedded:Toy2DSource",
     "digits8x8_text": "hierdistill.sources.digits_text:DigitsTextSource",

@@ -1,6 +1,7 @@
 """The embedded, class-conditional data sets: 8x8 digits (scikit-learn's, built once into a
-local tfds set) and the 2-D mixtures of Gaussians. Held in memory, batched by
-data.InMemoryPipeline, scored by evaluation/embedded.Evaluator against the training split."""
+local tfds set), 28x28 Fashion-MNIST (built once from its IDX files) and the 2-D mixtures of
+Gaussians. Held in memory, batched by data.InMemoryPipeline, scored by
+evaluation/embedded.Evaluator against the training split."""
 from __future__ import annotations
 
 import jax
@@ -57,6 +58,13 @@ class DigitsSource(InMemorySource):
   def save_grid(self, samples, path: str) -> None:
     """The samples tiled in rows; the labels cycle along each row."""
     grids.save_image_grid(samples, path)
+
+
+class FashionMnistSource(InMemorySource):
+  """28x28 Fashion-MNIST, 10 classes (data/fashion_mnist.py): image grids, a column a class."""
+
+  def save_grid(self, samples, path: str) -> None:
+    grids.save_image_grid(samples, path, nrow=self.num_classes)
 
 
 class Toy2DSource(InMemorySource):
