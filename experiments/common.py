@@ -104,5 +104,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict(dict(
       num_samples=1000, batch_size=500,
+      # Embedded image sets: score against this many training examples (a fixed subset;
+      # evaluation/embedded.py); 0 = the whole training split.
+      reference_size=0,
       teacher_steps=(50, 1, 2, 4), student_steps=(1, 2)))
   return c

@@ -61,6 +61,7 @@ def validate_config(config) -> None:
                         "rule.") from None
   for key in ("num_samples", "batch_size"):
     _check_int(config.eval[key], f"eval.{key}")
+  _check_int(config.eval.get("reference_size", 0), "eval.reference_size", minimum=0)
 
   init_checkpoint = config.teacher.get("init_checkpoint") or ""
   if not isinstance(init_checkpoint, str):

@@ -170,7 +170,7 @@ def test_classifier_accuracy_cache_and_features(tmp_path, monkeypatch):
   def no_training(*args, **kwargs):
     raise AssertionError("retrained although cached")
 
-  monkeypatch.setattr(feature_net, "train_digits_classifier", no_training)
+  monkeypatch.setattr(feature_net, "train_classifier", no_training)
   apply_fn2, info2 = evaluation.load_or_train_digits_classifier(data_dir, verbose=False)
   assert info2["loaded_from_cache"] and info2["test_accuracy"] == info["test_accuracy"]
   feats2, logits2 = evaluation.compute_features(apply_fn2, x, batch_size=128)

@@ -29,6 +29,8 @@ EVAL_SALT = 0x7E47  # the order in which the eval visits the training captions
 class DigitsTextSource(DataSource):
   """Digits with measured captions (see the module docstring)."""
 
+  image_set = "digits8x8"  # its images, scored by the digits' classifier
+
   def __init__(self, config, workdir: str, mesh):
     super().__init__(config, workdir, mesh)
     # The images are the class-conditional digits'; the captions replace the labels.
