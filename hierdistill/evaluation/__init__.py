@@ -8,6 +8,7 @@ One concept a file:
   modes.py             mode_coverage, off_mode_fraction (2-D mixtures of Gaussians)
   feature_net.py       load_or_train_digits_classifier, compute_features
   grids.py             save_image_grid, scatter_png (PNG, pillow only)
+  token_weights.py     overlay_image, token_weight_stats (where the AWD's token weights land)
 
 Statistics are float64 numpy; networks and the k-NN search run in JAX.
 Typical digits evaluation:

@@ -153,6 +153,30 @@ class DistributionStage:
       metrics.update({"reg_" + k: v for k, v in reg_metrics.items()})
     return loss, metrics
 
+  # -- where the AWD looks (a view, never part of training) ------------------------------------
+  @property
+  def shows_token_weights(self) -> bool:
+    """Whether the head's token weights are worth a picture: a trained AWD over a token model
+    (a DiT's patches; the toy MLP has one token, the mean-pooled head uniform weights)."""
+    return (self.adversarial and self.cfg.discriminator.pooling == "awd"
+            and hasattr(self.fake, "patch_size"))
+
+  @property
+  def patch_size(self) -> int:
+    """Pixels (or latent cells) per side of the patch each token covers."""
+    return int(self.fake.patch_size)
+
+  def token_weights(self, state: DistributionState, frozen, samples, noise, c):
+    """The AWD's token weights (N, T) for samples noised with `noise` to the middle of the GAN
+    term's noise range: what the head weighs when it judges them. Deterministic; it reads the
+    state and draws nothing from the training rng."""
+    b = samples.shape[0]
+    t = jnp.full((b,), 0.5 * (self.cfg.disc_t_min + self.cfg.disc_t_max), jnp.float32)
+    z = losses.interpolate(samples.astype(jnp.float32), noise, t)
+    _, weights = self.discriminate(state.fake_params, frozen["teacher"], state.disc_params,
+                                   z, t, c)
+    return weights
+
   def _disc_t(self, key, b):
     return jax.random.uniform(key, (b,), minval=self.cfg.disc_t_min, maxval=self.cfg.disc_t_max)
 

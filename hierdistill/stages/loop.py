@@ -23,6 +23,7 @@ from PIL import Image
 from hierdistill import agreement
 from hierdistill import checkpoint as ckpt_lib
 from hierdistill import sharding as shard_lib
+from hierdistill.stages import token_view
 
 # Exit status of a run stopped by SIGTERM/SIGINT after saving: a scheduler may requeue it.
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL
@@ -120,6 +121,21 @@ def _count_skips(train_step):
 def _new_health(meta: Optional[dict] = None) -> dict:
   saved = (meta or {}).get("health", {})
   return {k: np.int32(saved.get(k, 0)) for k in ("skipped", "streak", "longest")}
+
+
+def _write_token_view(stage, state, frozen, images, grid_c, *, config, mesh, workdir, step,
+                      writer) -> None:
+  """The discriminator's token weights over the grid's samples: a PNG beside the grid, the same
+  picture and its numbers in TensorBoard (stages/token_view.py)."""
+  path = os.path.join(ckpt_lib.stage_dir(workdir, stage.name), f"awd_weights_step{step}.png")
+  picture, weights, means = token_view.write_token_weights(
+      stage, state, frozen, images, grid_c, mesh=mesh, seed=config.seed,
+      patch_size=stage.patch_size, path=path)
+  writer.write_scalars(step, {f"{stage.name}/grid_awd_{k}": v for k, v in means.items()})
+  if jax.process_index() == 0:
+    writer.write_images(step, {f"{stage.name}/awd_weights": picture[None]})
+    print(f"[{stage.name}] AWD token weights on the grid: "
+          f"{token_view.describe(means, weights.shape[1])}; {path}", flush=True)
 
 
 def run_stage(stage, *, config, workdir: str, mesh, pipeline, frozen: dict,
@@ -276,6 +292,9 @@ def run_stage(stage, *, config, workdir: str, mesh, pipeline, frozen: dict,
     with Image.open(samples_path) as picture:
       drawn = np.asarray(picture.convert("RGB"))[None]
     writer.write_images(total, {f"{stage.name}/samples": drawn})
+  if getattr(stage, "shows_token_weights", False):  # stage 2's AWD over a DiT: where it looks
+    _write_token_view(stage, state, frozen, images, grid_c, config=config, mesh=mesh,
+                      workdir=workdir, step=total, writer=writer)
   writer.flush()
   return StageResult(state=state, steps_run=total - start_step, wall_time_s=wall,
                      samples_path=samples_path, final_metrics=scalars)
