@@ -7,10 +7,16 @@ score every model with the same noise, labels, reference set, feature net and sa
   | HD without the adversarial term | HD + mean-pooled discriminator | HD + AWD
 
 Prints a markdown table of mean +- std over seeds, writes it (and the per-seed rows as JSON) under
-the workdir, and for 2-D data a scatter plot per row over the real data.
+the workdir, and for the first seed a grid per row (for 2-D data a scatter plot over the real
+data) plus <experiment>_teacher_vs_HD_plus_AWD.png: the teacher's N-step grid (left) beside HD +
+AWD's one-step grid (right). Every row draws sample i from the same noise and label (the eval's
+noise depends only on i and the config's seed), so the two grids show the same noise's image.
 
   python benchmarks/hd_table.py --experiment=digits --seeds=0,1,2
+  python benchmarks/hd_table.py --experiment=fashion --seeds=0,1,2
   python benchmarks/hd_table.py --experiment=toy2d --seeds=0,1,2
+
+Fashion-MNIST needs its IDX files (experiments/fashion.py says where from).
 
 Rerunning resumes: finished trainings are reused. 'train_s' is the wall time of the training a
 row needs beyond the teacher (teacher rows: the teacher's own), measured in the run that trained.
@@ -30,7 +36,8 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 import numpy as np  # noqa: E402
 
-_EXPERIMENT = flags.DEFINE_enum("experiment", "digits", ["digits", "toy2d"], "Which experiment.")
+_EXPERIMENT = flags.DEFINE_enum("experiment", "digits", ["digits", "fashion", "toy2d"],
+                                "Which experiment (experiments/<name>.py).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds, one full comparison each.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/hd_table", "Where the runs and tables go.")
 _SET = flags.DEFINE_multi_string(
@@ -45,6 +52,8 @@ VARIANTS = {
 }
 METRICS = {
     "digits": ("FD-digits", "precision", "recall", "class_accuracy"),
+    # FD-fashion: the Frechet distance in Fashion-MNIST's own classifier's features (not FID).
+    "fashion": ("FD-fashion", "precision", "recall", "class_accuracy"),
     "toy2d": ("FD-points", "precision", "recall", "mode_coverage", "off_mode_fraction"),
 }
 
@@ -52,6 +61,8 @@ METRICS = {
 def _config(seed: int):
   if _EXPERIMENT.value == "digits":
     from experiments import digits as exp  # pylint: disable=g-import-not-at-top
+  elif _EXPERIMENT.value == "fashion":
+    from experiments import fashion as exp  # pylint: disable=g-import-not-at-top
   else:
     from experiments import toy2d as exp  # pylint: disable=g-import-not-at-top
   config = exp.get_config()
@@ -112,15 +123,20 @@ def run_seed(seed: int, out_dir: str) -> list[dict]:
   teacher = chain.load_export("teacher")
   n = int(chain.config.sample.teacher_steps)
   rows = []
+  grid_paths = {}
 
   def add(row, train_s):
     row["train_s"] = train_s
     rows.append(row)
     print(f"[hd_table seed {seed}] {row}", flush=True)
     if seed == int(_SEEDS.value[0]):
-      slug = row["model"].split(" (")[0].replace(" ", "_").replace(",", "").replace("+", "plus")
+      name, steps = row["model"].split(" (")[0], row["model"].rsplit(" (", 1)[1].rstrip(")")
+      if name == "teacher":  # its N-step and 1-step rows differ only by the step count
+        name = f"{name} {steps}"
+      slug = name.replace(" ", "_").replace(",", "").replace("+", "plus")
+      grid_paths[row["model"]] = os.path.join(out_dir, f"{_EXPERIMENT.value}_{slug}.png")
       chain.source.save_grid(ev.last_samples[:int(chain.config.sample.grid_size)],
-                      os.path.join(out_dir, f"{_EXPERIMENT.value}_{slug}.png"))
+                             grid_paths[row["model"]])
 
   add(ev.teacher(teacher, n), base_times.get("teacher", float("nan")))
   add(ev.teacher(teacher, 1, name="teacher (1 step)"), base_times.get("teacher", float("nan")))
@@ -131,7 +147,24 @@ def run_seed(seed: int, out_dir: str) -> list[dict]:
     upstream = 0.0 if VARIANTS[name].get("init_from") == "teacher" else base_times.get(
         "trajectory", float("nan"))
     add(ev.student(vchain.load_export("distribution"), 1, name), upstream + stage2_s)
+  if grid_paths:
+    hd = next(m for m in grid_paths if m.startswith("HD + AWD"))
+    side_by_side([grid_paths[rows[0]["model"]], grid_paths[hd]],
+                 os.path.join(out_dir, f"{_EXPERIMENT.value}_teacher_vs_HD_plus_AWD.png"))
   return rows
+
+
+def side_by_side(paths: list[str], out_path: str, gap: int = 16) -> None:
+  """The PNGs at paths in one row, left to right, on white, `gap` pixels apart."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  images = [Image.open(p).convert("RGB") for p in paths]
+  width = sum(im.width for im in images) + gap * (len(images) - 1)
+  canvas = Image.new("RGB", (width, max(im.height for im in images)), "white")
+  left = 0
+  for im in images:
+    canvas.paste(im, (left, 0))
+    left += im.width + gap
+  canvas.save(out_path, format="PNG")
 
 
 def table(per_seed: list[list[dict]]) -> str:
