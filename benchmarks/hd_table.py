@@ -1,18 +1,21 @@
 """The paper's comparison in miniature: what each stage of Hierarchical Distillation buys.
 
-For each seed: train the teacher and stage 1 once, then four stage-2 variants from them, and
+For each seed: train the teacher and stage 1 once, then five stage-2 variants from them, and
 score every model with the same noise, labels, reference set, feature net and sample count:
 
-  teacher (N steps) | teacher (1 step) | TD only (stage 1) | DMD only (stage 2 from the teacher)
-  | HD without the adversarial term | HD + mean-pooled discriminator | HD + AWD
+  teacher (N steps) | teacher (1 step) | TD only (stage 1) | DMD only (stage 2 from the teacher,
+  no adversarial term) | DMD + AWD, no stage 1 (from the teacher) | HD without the adversarial
+  term | HD + mean-pooled discriminator | HD + AWD | TD only and HD + AWD in two steps
 
 Prints a markdown table of mean +- std over seeds, writes it (and the per-seed rows as JSON) under
 the workdir, and for the first seed a grid per row (for 2-D data a scatter plot over the real
 data) plus <experiment>_teacher_vs_HD_plus_AWD.png: the teacher's N-step grid (left) beside HD +
-AWD's one-step grid (right). Every row draws sample i from the same noise and label (the eval's
+AWD's one-step grid (right), and <experiment>_awd_weights.png: where HD + AWD's discriminator
+puts its token weights on its one-step grid (awd_view.py). Every row draws sample i from the same noise and label (the eval's
 noise depends only on i and the config's seed), so the two grids show the same noise's image.
 
   python benchmarks/hd_table.py --experiment=digits --seeds=0,1,2
+  python benchmarks/hd_table.py --experiment=digits --variant=long --seeds=0,1,2
   python benchmarks/hd_table.py --experiment=fashion --seeds=0,1,2
   python benchmarks/hd_table.py --experiment=toy2d --seeds=0,1,2
 
@@ -38,6 +41,8 @@ import numpy as np  # noqa: E402
 
 _EXPERIMENT = flags.DEFINE_enum("experiment", "digits", ["digits", "fashion", "toy2d"],
                                 "Which experiment (experiments/<name>.py).")
+_VARIANT = flags.DEFINE_string("variant", "", "The experiment's variant (the arg after the "
+                               "colon of --config), e.g. 'long'; '' = its default.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds, one full comparison each.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/hd_table", "Where the runs and tables go.")
 _SET = flags.DEFINE_multi_string(
@@ -46,6 +51,9 @@ _SET = flags.DEFINE_multi_string(
 # Stage-2 variants: overrides of config.distribution.
 VARIANTS = {
     "DMD only": dict(init_from="teacher", gen_adv_weight=0.0, disc_weight=0.0),
+    # DMD2's recipe: stage 2 with its adversarial term, started from the teacher: what the sketch
+    # of stage 1 adds once the adversarial term is strong.
+    "DMD + AWD, no stage 1": dict(init_from="teacher"),
     "HD, no adversarial term": dict(gen_adv_weight=0.0, disc_weight=0.0),
     "HD + mean-pooled discriminator": {"discriminator.pooling": "mean"},
     "HD + AWD": {},
@@ -65,7 +73,7 @@ def _config(seed: int):
     from experiments import fashion as exp  # pylint: disable=g-import-not-at-top
   else:
     from experiments import toy2d as exp  # pylint: disable=g-import-not-at-top
-  config = exp.get_config()
+  config = exp.get_config(_VARIANT.value or None)
   config.seed = seed
   for item in _SET.value:
     key, value = item.split("=", 1)
@@ -75,6 +83,10 @@ def _config(seed: int):
       node = node[p]
     node[leaf] = value if isinstance(node[leaf], str) else ast.literal_eval(value)
   return config
+
+
+def _experiment_name() -> str:
+  return _EXPERIMENT.value + (f"_{_VARIANT.value}" if _VARIANT.value else "")
 
 
 def _apply(config, overrides):
@@ -103,10 +115,10 @@ def _train(config, workdir, stages):
 
 
 def run_seed(seed: int, out_dir: str) -> list[dict]:
-  from hierdistill import pipeline  # pylint: disable=g-import-not-at-top
+  from hierdistill import awd_view, pipeline  # pylint: disable=g-import-not-at-top
   from hierdistill.evaluation.embedded import Evaluator  # pylint: disable=g-import-not-at-top
 
-  root = os.path.join(_WORKDIR.value, _EXPERIMENT.value, f"seed{seed}")
+  root = os.path.join(_WORKDIR.value, _experiment_name(), f"seed{seed}")
   base_dir = os.path.join(root, "base")
   base_times = _train(_config(seed), base_dir, ("teacher", "trajectory"))
   variant_times = {}
@@ -131,7 +143,7 @@ def run_seed(seed: int, out_dir: str) -> list[dict]:
     print(f"[hd_table seed {seed}] {row}", flush=True)
     if seed == int(_SEEDS.value[0]):
       name, steps = row["model"].split(" (")[0], row["model"].rsplit(" (", 1)[1].rstrip(")")
-      if name == "teacher":  # its N-step and 1-step rows differ only by the step count
+      if name == "teacher" or steps != "1 step":  # rows that differ only by the step count
         name = f"{name} {steps}"
       slug = name.replace(" ", "_").replace(",", "").replace("+", "plus")
       grid_paths[row["model"]] = os.path.join(out_dir, f"{_EXPERIMENT.value}_{slug}.png")
@@ -147,6 +159,19 @@ def run_seed(seed: int, out_dir: str) -> list[dict]:
     upstream = 0.0 if VARIANTS[name].get("init_from") == "teacher" else base_times.get(
         "trajectory", float("nan"))
     add(ev.student(vchain.load_export("distribution"), 1, name), upstream + stage2_s)
+    if name == "HD + AWD":
+      hd_chain = vchain
+  # Two steps: stage 2 trains only the one-step map; its two-step samples should still be no
+  # worse than stage 1's.
+  add(ev.student(chain.load_export("trajectory"), 2, "TD only (stage 1)"),
+      base_times.get("trajectory", float("nan")))
+  add(ev.student(hd_chain.load_export("distribution"), 2, "HD + AWD"),
+      next(r["train_s"] for r in rows if r["model"] == "HD + AWD (1 step)"))
+  if seed == int(_SEEDS.value[0]) and chain.config.model.name == "dit":
+    # Where the AWD's token weights land (awd_view.py), on the grid's noise and labels.
+    _, means = awd_view.render_awd_overlay(
+        hd_chain, os.path.join(out_dir, f"{_EXPERIMENT.value}_awd_weights.png"))
+    print(f"[hd_table seed {seed}] AWD token weights: {means}", flush=True)
   if grid_paths:
     hd = next(m for m in grid_paths if m.startswith("HD + AWD"))
     side_by_side([grid_paths[rows[0]["model"]], grid_paths[hd]],
@@ -189,7 +214,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_threefry_partitionable", True)
-  out_dir = os.path.join(_WORKDIR.value, _EXPERIMENT.value)
+  out_dir = os.path.join(_WORKDIR.value, _experiment_name())
   os.makedirs(out_dir, exist_ok=True)
   t0 = time.time()
   per_seed = [run_seed(int(s), out_dir) for s in _SEEDS.value]
