@@ -77,7 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
       init_from="trajectory",  # 'teacher' = DMD only (ablation: no stage 1)
       update_ratio=2,  # k critic updates per generator update ([DMD2]: 5 on ImageNet)
       dmd_weight=1.0,
-      gen_adv_weight=3e-3, disc_weight=1e-2,  # [DMD2] ImageNet weights of G's and D's GAN terms
+      # [DMD2] ImageNet weights of G's and D's GAN terms. G's is relative to DMD's gradient,
+      # which is spread over every pixel: small images need far more (experiments/digits.py).
+      gen_adv_weight=3e-3, disc_weight=1e-2,
       regulariser_weight=0.0,  # weight of the stage-1 MeanFlow loss kept in stage 2
       cfg_scale=1.5, cfg_interval=config_dict.placeholder(tuple),  # real score's guidance
       dmd_t_min=0.02, dmd_t_max=0.98,  # [DMD2] noise levels of the DMD gradient
