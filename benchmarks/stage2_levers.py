@@ -45,7 +45,7 @@ LEVERS = {
     "regulariser 1": {"regulariser_weight": 1.0},
     "teacher features": {"discriminator.features": "teacher"},
     "tau 0.3": {"discriminator.tau": 0.3},
-    "DMD t in [0.2, 0.98]": {"dmd_t_min": 0.2},
+    "DMD t from 0.2": {"dmd_t_min": 0.2},
     "real-score cfg 1.0": {"cfg_scale": 1.0},
     "mean-pooled head": {"discriminator.pooling": "mean"},
     "no adversarial term": {"gen_adv_weight": 0.0, "disc_weight": 0.0},
