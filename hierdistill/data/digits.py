@@ -18,15 +18,11 @@ Importing this module imports tensorflow_datasets; `hierdistill.data` imports it
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import io
-import os
-import tempfile
-
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+
+from hierdistill.data import local_build
 
 NAME = "digits8x8"
 NUM_CLASSES = 10
@@ -34,8 +30,6 @@ SHAPE = (8, 8, 1)
 SPLIT_SEED = 20251112
 TEST_PER_CLASS = 30
 SPLIT_SIZES = {"train": 1497, "test": 300}
-# array_record is the format tfds data sources (random access, no tf.data) read.
-FILE_FORMAT = "array_record"
 
 
 def split_indices() -> dict[str, np.ndarray]:
@@ -91,64 +85,11 @@ class Digits8x8(tfds.core.GeneratorBasedBuilder):
       yield int(i), {"image": image, "label": int(digits.target[i]), "index": int(i)}
 
 
-def _check_writable(data_dir: str) -> None:
-  try:
-    os.makedirs(data_dir, exist_ok=True)
-    with tempfile.TemporaryFile(dir=data_dir):
-      pass
-  except OSError as e:
-    raise PermissionError(f"data_dir {data_dir!r} is not writable ({e.strerror}); "
-                          "pass a writable data_dir to build the digits data set.") from None
-
-
-@contextlib.contextmanager
-def _build_lock(data_dir: str):
-  """Serialises builds: processes of one job may share data_dir and start together."""
-  with open(os.path.join(data_dir, f".{NAME}.lock"), "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def _quiet_tfds():
-  """tfds's own messages about a build (its bold 'Downloading and preparing...' on stdout, and
-  warnings about the half-built folder it is filling) would be the only foreign lines on the
-  console; the '[data] building' line says what happens. Errors still raise."""
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  verbosity = logging.get_verbosity()
-  logging.set_verbosity(logging.ERROR)
-  try:
-    yield
-  finally:
-    logging.set_verbosity(verbosity)
-
-
 def builder(data_dir: str) -> Digits8x8:
   """The builder, prepared under data_dir (built once if absent; a no-op when present)."""
-  with _quiet_tfds():
-    return _builder(data_dir)
-
-
-def _builder(data_dir: str) -> Digits8x8:
-  data_dir = os.fspath(data_dir)
-  b = Digits8x8(data_dir=data_dir)
-  if not b.is_prepared():
-    _check_writable(data_dir)
-    with _build_lock(data_dir):
-      b = Digits8x8(data_dir=data_dir)  # Another process may have built it meanwhile.
-      if not b.is_prepared():
-        print(f"[data] building {NAME} under {data_dir} (once; a few seconds)", flush=True)
-        tfds.disable_progress_bar()  # a one-off build of 1,797 images: the bars are noise
-        with contextlib.redirect_stdout(io.StringIO()):
-          b.download_and_prepare(
-              file_format=FILE_FORMAT,
-              # Nothing to fetch: never ask GCS for a prepared copy (the machine may be offline).
-              download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-        b = Digits8x8(data_dir=data_dir)
-  return b
+  return local_build.prepared(
+      Digits8x8, data_dir, name=NAME, what="the digits data set",
+      message=f"[data] building {NAME} under {data_dir} (once; a few seconds)")
 
 
 def load_digits_split(split: str, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
@@ -162,9 +103,4 @@ def load_digits_split(split: str, data_dir: str) -> tuple[np.ndarray, np.ndarray
   """
   if split not in SPLIT_SIZES:
     raise ValueError(f"split must be one of {sorted(SPLIT_SIZES)}, got {split!r}")
-  source = builder(data_dir).as_data_source(split=split)
-  examples = [source[i] for i in range(len(source))]
-  order = np.argsort([int(e["index"]) for e in examples])
-  images = np.stack([examples[i]["image"] for i in order]).astype(np.float32)
-  labels = np.asarray([examples[i]["label"] for i in order], dtype=np.int32)
-  return images / 127.5 - 1.0, labels
+  return local_build.read_split(builder(data_dir), split)

@@ -17,18 +17,15 @@ read back is put in the publisher's order (tfds stores examples in the order of 
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import gzip
-import io
 import os
-import tempfile
 
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
 from hierdistill.config_checks import ConfigError
+from hierdistill.data import local_build
 
 NAME = "fashion_mnist"
 NUM_CLASSES = 10
@@ -41,7 +38,6 @@ FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
          "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 DIR_ENV = "FASHION_MNIST_DIR"
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
-FILE_FORMAT = "array_record"
 # IDX magic numbers: 0x08 = unsigned bytes, then the number of dimensions.
 _IDX_UBYTE_3D, _IDX_UBYTE_1D = 0x00000803, 0x00000801
 
@@ -125,54 +121,16 @@ class FashionMnist(tfds.core.GeneratorBasedBuilder):
       yield i, {"image": image, "label": int(label), "index": i}
 
 
-def _check_writable(data_dir: str) -> None:
-  try:
-    os.makedirs(data_dir, exist_ok=True)
-    with tempfile.TemporaryFile(dir=data_dir):
-      pass
-  except OSError as e:
-    raise PermissionError(f"data_dir {data_dir!r} is not writable ({e.strerror}); "
-                          "pass a writable data_dir to build Fashion-MNIST.") from None
-
-
-@contextlib.contextmanager
-def _build_lock(data_dir: str):
-  """Serialises builds: processes of one job may share data_dir and start together."""
-  with open(os.path.join(data_dir, f".{NAME}.lock"), "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def builder(data_dir: str) -> FashionMnist:
   """The builder, prepared under data_dir (built once from the IDX files if absent)."""
-  from absl import logging  # pylint: disable=g-import-not-at-top
 
-  data_dir = os.fspath(data_dir)
-  verbosity = logging.get_verbosity()
-  logging.set_verbosity(logging.ERROR)  # tfds's build chatter; see data/digits.py
-  try:
-    b = FashionMnist(data_dir=data_dir)
-    if not b.is_prepared():
-      for split in FILES:  # absent or malformed files: say so before locking or writing
-        read_split(split)
-      _check_writable(data_dir)
-      with _build_lock(data_dir):
-        b = FashionMnist(data_dir=data_dir)  # Another process may have built it meanwhile.
-        if not b.is_prepared():
-          print(f"[data] building {NAME} from {source_dir()} under {data_dir} (once)",
-                flush=True)
-          tfds.disable_progress_bar()
-          with contextlib.redirect_stdout(io.StringIO()):
-            b.download_and_prepare(
-                file_format=FILE_FORMAT,
-                download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-          b = FashionMnist(data_dir=data_dir)
-  finally:
-    logging.set_verbosity(verbosity)
-  return b
+  def check_sources():  # absent or malformed files: say so before locking or writing
+    for split in FILES:
+      read_split(split)
+
+  return local_build.prepared(
+      FashionMnist, data_dir, name=NAME, what="Fashion-MNIST", check_sources=check_sources,
+      message=f"[data] building {NAME} from {source_dir()} under {data_dir} (once)")
 
 
 def load_split(split: str, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
@@ -183,11 +141,4 @@ def load_split(split: str, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
   """
   if split not in SPLIT_SIZES:
     raise ValueError(f"split must be one of {sorted(SPLIT_SIZES)}, got {split!r}")
-  source = builder(data_dir).as_data_source(split=split)
-  # One batched read: 60,000 single reads cost seconds more.
-  examples = source.__getitems__(list(range(len(source))))
-  index = np.asarray([e["index"] for e in examples], np.int64)
-  order = np.argsort(index)
-  images = np.stack([examples[i]["image"] for i in order]).astype(np.float32)
-  labels = np.asarray([examples[i]["label"] for i in order], dtype=np.int32)
-  return images / 127.5 - 1.0, labels
+  return local_build.read_split(builder(data_dir), split)
