@@ -11,11 +11,12 @@ Prints a markdown table of mean +- std over seeds, writes it (and the per-seed r
 the workdir, and for the first seed a grid per row (for 2-D data a scatter plot over the real
 data) plus <experiment>_teacher_vs_HD_plus_AWD.png: the teacher's N-step grid (left) beside HD +
 AWD's one-step grid (right), and <experiment>_awd_weights.png: where HD + AWD's discriminator
-puts its token weights on its one-step grid (awd_view.py). Every row draws sample i from the same noise and label (the eval's
-noise depends only on i and the config's seed), so the two grids show the same noise's image.
+puts its token weights on its one-step grid (awd_view.py). Every row draws sample i from the
+same noise and label (the eval's noise depends only on i and the config's seed), so the two
+grids show the same noise's image.
 
   python benchmarks/hd_table.py --experiment=digits --seeds=0,1,2
-  python benchmarks/hd_table.py --experiment=digits --variant=long --seeds=0,1,2
+  python benchmarks/hd_table.py --experiment=digits --variant=tiny --seeds=0  # a quick check
   python benchmarks/hd_table.py --experiment=fashion --seeds=0,1,2
   python benchmarks/hd_table.py --experiment=toy2d --seeds=0,1,2
 
