@@ -23,7 +23,7 @@ import tensorflow_datasets as tfds
 FILE_FORMAT = "array_record"
 
 
-def check_writable(data_dir: str, what: str) -> None:
+def _check_writable(data_dir: str, what: str) -> None:
   """PermissionError (one line) unless data_dir exists or can be made, and takes a file."""
   try:
     os.makedirs(data_dir, exist_ok=True)
@@ -35,7 +35,7 @@ def check_writable(data_dir: str, what: str) -> None:
 
 
 @contextlib.contextmanager
-def build_lock(data_dir: str, name: str):
+def _build_lock(data_dir: str, name: str):
   """Serialises builds of data set `name` under data_dir."""
   with open(os.path.join(data_dir, f".{name}.lock"), "w") as f:
     fcntl.flock(f, fcntl.LOCK_EX)
@@ -46,7 +46,7 @@ def build_lock(data_dir: str, name: str):
 
 
 @contextlib.contextmanager
-def quiet_tfds():
+def _quiet_tfds():
   """tfds's own messages about a build (its bold 'Downloading and preparing...' on stdout, and
   warnings about the half-built folder it is filling) would be the only foreign lines on the
   console; the caller's '[data] building' line says what happens. Errors still raise."""
@@ -68,14 +68,14 @@ def prepared(builder_cls: Callable[..., tfds.core.DatasetBuilder], data_dir: str
   malformed source files.
   """
   data_dir = os.fspath(data_dir)
-  with quiet_tfds():
+  with _quiet_tfds():
     b = builder_cls(data_dir=data_dir)
     if b.is_prepared():
       return b
     if check_sources is not None:
       check_sources()
-    check_writable(data_dir, what)
-    with build_lock(data_dir, name):
+    _check_writable(data_dir, what)
+    with _build_lock(data_dir, name):
       b = builder_cls(data_dir=data_dir)  # Another process may have built it meanwhile.
       if not b.is_prepared():
         print(message, flush=True)
