@@ -91,6 +91,11 @@ def adaptive_weighted_loss(d: Array, *, p: float = 1.0, eps: float = 1e-3):
 
   d: (B,) per-sample squared errors. With p = 1 the value sits near 1 however good the model is
   (the gradient is d's, rescaled per sample): log d itself, not only this loss.
+  eps is the paper's c: the MeanFlow paper gives c = 1e-3 as its example value (METHOD.md takes
+  it), while the official MeanFlow JAX code's default config sets norm_eps = 0.01. c only matters
+  for samples already fitted to d ~ c, whose weight it caps at 1/c. We keep the paper's 1e-3,
+  with which this project's tables were measured; pass eps=0.01 (config key adaptive_eps) to
+  match the official code.
   """
   w = sg(1.0 / jnp.power(d + eps, p))
   return jnp.mean(w * d)
@@ -121,7 +126,9 @@ def dmd_loss(x: Array, x_real: Array, x_fake: Array):
   |x - x_real|; L = 0.5 * mean((x - sg(x - g))^2), hence dL/dx = g / x.size.
   x: generator samples (B, ...), differentiable; x_real, x_fake: denoised estimates of the noised
   x by the real (teacher) and fake score, treated as constants. Where n = 0 the direction is set
-  to 0 rather than inf (as DMD2 does with nan_to_num).
+  to 0 (every non-finite entry of g becomes 0). DMD2 differs there: its torch.nan_to_num maps
+  0/0 to 0 but x/0 (x != 0) to the largest finite float, so its loss becomes inf; n = 0 means
+  the sample equals the teacher's estimate, where no push is the sensible direction.
   """
   x, x_real, x_fake = _f32(x), sg(_f32(x_real)), sg(_f32(x_fake))
   n = _mean_per_sample(jnp.abs(x - x_real))
