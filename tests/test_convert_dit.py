@@ -17,6 +17,7 @@ import pytest
 
 from hierdistill.convert import dit as convert_dit
 from hierdistill.models import DiT, dit_config
+from tests.torch_reference import training_files
 
 TINY = dict(input_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=2, num_heads=4,
             num_classes=10, out_channels=8)
@@ -120,7 +121,7 @@ def test_sit_import_matches_reference_velocity(tmp_path, legacy):
   torch, ref = _reference()
   path = str(tmp_path / "sit.pt")
   # A training checkpoint of SiT's train.py: the importer must take 'ema'.
-  torch.save({"model": {}, "ema": ref.state_dict(), "opt": {}, "args": None}, path,
+  torch.save(training_files.dit_style(torch, ref.state_dict()), path,
              _use_new_zipfile_serialization=not legacy)
   model = DiT(**TINY, **convert_dit.MODEL_FIELDS["sit"])
   params = convert_dit.load_dit_checkpoint(path, model, kind="sit")

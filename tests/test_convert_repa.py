@@ -14,6 +14,7 @@ from experiments import imagenet256
 from hierdistill.config_checks import validate_config
 from hierdistill.convert import dit as convert_dit
 from hierdistill.models import DiT
+from tests.torch_reference import training_files
 
 TINY = dict(input_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=3, num_heads=4,
             num_classes=10, out_channels=4, **convert_dit.MODEL_FIELDS["repa"])
@@ -77,7 +78,7 @@ def test_repa_import_matches_reference_velocity(tmp_path, wrapped):
   path = str(tmp_path / "last.pt")
   sd = ref.state_dict()
   # last.pt is a bare state dict; REPA's train.py saves {'model', 'ema', 'opt', ...}.
-  torch.save({"model": {}, "ema": sd, "opt": {}, "steps": 7} if wrapped else sd, path)
+  torch.save(training_files.dit_style(torch, sd, steps=7) if wrapped else sd, path)
   model = DiT(**TINY)
   params = convert_dit.load_dit_checkpoint(path, model, kind="repa")
   rng = np.random.default_rng(1)

@@ -11,6 +11,7 @@ import pytest
 
 from hierdistill.convert import vae as convert_vae
 from hierdistill.models.vae import SD_VAE, AutoencoderKL
+from tests.torch_reference import training_files
 
 SMALL = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4)
 
@@ -86,6 +87,15 @@ def test_import_of_a_bin_with_old_attention_names_matches_diffusers(tmp_path):
     sd[k] = v
   path = str(tmp_path / "diffusion_pytorch_model.bin")
   torch.save(sd, path)
+  model, params = convert_vae.load_vae(path, overrides=SMALL)
+  _compare(torch, ref, model, params)
+
+
+@pytest.mark.torch
+def test_import_of_a_training_checkpoint_with_scalars_beside_the_weights(tmp_path):
+  torch, ref = _reference(seed=2)
+  path = str(tmp_path / "vae.ckpt")  # Lightning's layout: 'state_dict', 0-dim steps, ints
+  torch.save(training_files.lightning_style(torch, ref.state_dict()), path)
   model, params = convert_vae.load_vae(path, overrides=SMALL)
   _compare(torch, ref, model, params)
 

@@ -8,6 +8,7 @@ import pytest
 
 from hierdistill.convert import vavae as convert_vavae
 from hierdistill.models.vae import VA_VAE_F16D32, AutoencoderKL
+from tests.torch_reference import training_files
 
 # A small LDM autoencoder: channels (32, 32, 64) (GroupNorm(32) needs multiples of 32), 16x16
 # images -> 4x4x4 latents, attention after every resnet of the 4x4 level (level 2).
@@ -41,11 +42,12 @@ def test_import_matches_ldm_reference(tmp_path):
     for name, p in ref.named_parameters():
       p.copy_(float(name.endswith("norm.weight") or ".norm" in name) + 0.1 * torch.randn_like(p))
   sd = dict(ref.state_dict())
-  # A training checkpoint: the loss, the foundation model and its projection are dropped.
-  sd.update({"loss.logvar": torch.zeros(1), "foundation_model.model.w": torch.zeros(3),
+  # A training checkpoint: the loss (LDM's contperceptual loss holds a 0-dim logvar), the
+  # foundation model and its projection are dropped; Lightning's scalars sit beside them.
+  sd.update({"loss.logvar": torch.ones(()), "foundation_model.model.w": torch.zeros(3),
              "linear_proj.weight": torch.zeros(768, 4, 1, 1)})
   path = str(tmp_path / "vavae.pt")
-  torch.save({"state_dict": sd}, path)
+  torch.save(training_files.lightning_style(torch, sd), path)
   from hierdistill.convert.torch_files import load_state_dict
   model = AutoencoderKL(**SMALL)
   params = convert_vavae.import_vavae(load_state_dict(path), model, path=path)
@@ -97,3 +99,23 @@ def test_ldm_keys_map_to_the_diffusers_names():
           == "encoder.mid_block.attentions.0.group_norm.weight")
   assert (convert_vavae.diffusers_key("decoder.up.0.upsample.conv.weight", 5)
           == "decoder.up_blocks.4.upsamplers.0.conv.weight")
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("legacy", [False, True])
+def test_zero_dim_tensors_and_train_args_load(tmp_path, legacy):
+  torch = pytest.importorskip("torch")
+  from hierdistill.convert.torch_files import load_state_dict, load_torch_file
+  path = str(tmp_path / "ckpt.pt")
+  weights = {"w": torch.arange(6.0).reshape(2, 3), "loss.logvar": torch.ones(()),
+             "view": torch.arange(4.0)[2], "count": torch.tensor(5)}  # the view has an offset
+  torch.save(training_files.dit_style(torch, weights, steps=7), path,
+             _use_new_zipfile_serialization=not legacy)
+  got = load_state_dict(path)
+  assert {k: (type(v), v.shape, v.dtype) for k, v in got.items()} == {
+      "w": (np.ndarray, (2, 3), np.float32), "loss.logvar": (np.ndarray, (), np.float32),
+      "view": (np.ndarray, (), np.float32), "count": (np.ndarray, (), np.int64)}
+  assert (float(got["loss.logvar"]), float(got["view"]), int(got["count"])) == (1.0, 2.0, 5)
+  whole = load_torch_file(path)
+  assert whole["args"].model == "SiT-XL/2" and whole["steps"] == 7  # argparse.Namespace read
+  assert whole["opt"]["state"][0]["step"].shape == ()

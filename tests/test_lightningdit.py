@@ -16,6 +16,7 @@ from hierdistill.convert import lightningdit as convert_ld
 from hierdistill.models import build, init_student_from_teacher
 from hierdistill.models.dit import student_of
 from hierdistill.models.lightningdit import LightningDiT
+from tests.torch_reference import training_files
 
 TINY = dict(input_size=4, in_channels=8, patch_size=1, hidden_size=32, depth=2, num_heads=2,
             num_classes=10, **convert_ld.MODEL_FIELDS)
@@ -78,7 +79,7 @@ def test_import_matches_reference_velocity(tmp_path, qk_norm):
         # RMSNorm weights around 1, everything else around 0.
         p.copy_(float("norm" in name) + 0.2 * torch.randn_like(p))
   path = str(tmp_path / "lightningdit.pt")
-  torch.save({"model": {}, "ema": ref.state_dict(), "opt": {}}, path)  # train.py's layout
+  torch.save(training_files.dit_style(torch, ref.state_dict()), path)  # train.py's layout
   model = LightningDiT(qk_norm=qk_norm, **TINY)
   params = convert_ld.load_lightningdit_checkpoint(path, model)
   z, t, y = _inputs()

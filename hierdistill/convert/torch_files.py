@@ -42,7 +42,9 @@ class _Storage:
 def _rebuild_tensor(storage: _Storage, offset: int, size, stride, *unused) -> np.ndarray:
   del unused  # requires_grad, backward hooks, metadata: meaningless for weights
   if not size:
-    return storage.array[offset].copy()
+    # A 0-dim tensor (a loss's logvar, an optimiser's step) stays a 0-dim array: indexing with
+    # [offset] would give a numpy scalar, which load_state_dict rejects as not an array.
+    return storage.array[offset:offset + 1].reshape(()).copy()
   item = storage.array.itemsize
   view = np.lib.stride_tricks.as_strided(storage.array[offset:], shape=tuple(size),
                                          strides=tuple(s * item for s in stride))
@@ -55,7 +57,8 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *unused):
 
 
 class _Namespace:
-  """Stands in for argparse.Namespace (training checkpoints of DiT/SiT pickle their args)."""
+  """Stands in for argparse.Namespace: the training checkpoints of DiT, SiT, REPA and
+  LightningDiT pickle their command-line args under 'args'; its fields are plain values."""
 
   def __setstate__(self, state):
     self.__dict__.update(state)
@@ -117,7 +120,14 @@ def _load_legacy(path: str) -> Any:
     raise ValueError(f"{path} is in PyTorch's legacy (pre-1.6) format, which only torch.load "
                      "reads: pip install -e '.[torch]', or re-save it with a recent "
                      "torch.save") from None
-  obj = torch.load(path, map_location="cpu", weights_only=True)
+  import argparse  # pylint: disable=g-import-not-at-top
+  import contextlib  # pylint: disable=g-import-not-at-top
+  # The zip reader's one allowance beyond tensors, granted here too: training checkpoints pickle
+  # their flags as an argparse.Namespace, which weights_only refuses by default (torch < 2.5
+  # has no safe_globals and keeps refusing).
+  allow = getattr(torch.serialization, "safe_globals", None)
+  with allow([argparse.Namespace]) if allow else contextlib.nullcontext():
+    obj = torch.load(path, map_location="cpu", weights_only=True)
   return _tensors_to_numpy(obj)
 
 
