@@ -112,13 +112,31 @@ def write(gen, out_dir: str, *, run_config, eval_dir: Optional[str] = None) -> d
                   "kind": dit_layout.kind_of(model) if published else None},
       "vae": vae,
       "sample": _jsonable(gen.sample_config),
-      "source": dict(gen.info, exported=time.strftime("%Y-%m-%d %H:%M:%S")),
+      "source": source_record(gen.info, run_config),
   }
   meta["sha256"] = {f: _sha256(os.path.join(out_dir, f)) for f in files}
   with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
     json.dump(meta, f, indent=2)
 
   return meta
+
+
+def config_hash(run_config) -> str:
+  """The first 12 hex digits of the SHA-256 of the run's config as sorted JSON: names the run
+  in a card meant for other people, where a workdir path would mean nothing."""
+  if hasattr(run_config, "to_dict"):
+    run_config = run_config.to_dict()
+  text = json.dumps(_jsonable(dict(run_config or {})), sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def source_record(info: dict, run_config) -> dict:
+  """Where an export came from, as others can use it: the experiment, the hash of its config,
+  the stage and step. No path of the machine that trained it (the export travels)."""
+  return {"experiment": info.get("experiment", ""), "stage": info.get("stage"),
+          "step": info.get("step"),
+          "config_sha256": info.get("config_sha256") or config_hash(run_config),
+          "exported": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def module_fields(model) -> dict:
@@ -194,7 +212,11 @@ def save_samples(samples: np.ndarray, path: str, gen=None, asked=None) -> None:
     grids.save_image_grid(samples, path)
 
 
-def model_card(meta: dict, out_dir: str) -> str:
+def model_card(meta: dict, out_dir: str, name: Optional[str] = None) -> str:
+  """The README of an export in out_dir; name: the directory's final name (the card is written
+  before a temporary directory takes it), used in the snippet as a path relative to where the
+  user keeps the export."""
+  name = name or os.path.basename(os.path.normpath(out_dir))
   cond = meta["conditions"]
   fields = meta["model"]["fields"]
   size = ", ".join(f"{k} {fields[k]}" for k in ("hidden_size", "depth", "num_heads",
@@ -214,13 +236,14 @@ This is {kind}: a {meta['model']['class']} ({size}) drawing samples of shape
 
 ```python
 import jax, hierdistill
-gen = hierdistill.Generator.load("{os.path.basename(os.path.normpath(out_dir))}")
+gen = hierdistill.Generator.load("{name}")
 images = gen(jax.random.PRNGKey(0), {example}, num_steps=1)
 ```
 
 Weights: `{WEIGHTS_FILE}` ({meta['weights']['layout']}); conventions, condition and VAE in
-`config.json`. Source: {meta['source'].get('stage', '?')} stage of
-{meta['source'].get('workdir', '?')}, step {meta['source'].get('step', '?')}.
+`config.json`. Source: experiment {meta['source'].get('experiment') or '?'} (config SHA-256
+{meta['source'].get('config_sha256', '?')}), {meta['source'].get('stage', '?')} stage, step
+{meta['source'].get('step', '?')}.
 `{GRID_FILE}`: samples of this export, seed {GRID_SEED}.
 
 ## Evaluation of the run

@@ -291,9 +291,10 @@ def _vae_of(config):
 # -- export ------------------------------------------------------------------------------------
 
 def write_export(gen: Generator, out_dir: str, *, run_config, eval_dir: Optional[str] = None,
-                 grid_size: int = 64) -> dict:
+                 grid_size: int = 64, name: Optional[str] = None) -> dict:
   """export.write's files, then the sample grid and the model card. The grid comes from the
-  export itself, loaded as a user would: what it shows is what loads."""
+  export itself, loaded as a user would: what it shows is what loads. name: the directory's
+  final name for the card (default out_dir's own)."""
   meta = export.write(gen, out_dir, run_config=run_config, eval_dir=eval_dir)
   exported = Generator.load(out_dir)
   labels_or_prompts = export.grid_conditions(exported, grid_size)
@@ -301,7 +302,7 @@ def write_export(gen: Generator, out_dir: str, *, run_config, eval_dir: Optional
   export.save_samples(samples, os.path.join(out_dir, export.GRID_FILE), exported,
                       labels_or_prompts)
   with open(os.path.join(out_dir, "README.md"), "w") as f:
-    f.write(export.model_card(meta, out_dir))
+    f.write(export.model_card(meta, out_dir, name))
   return meta
 
 
@@ -317,8 +318,9 @@ def export_run(workdir: str, out_dir: str, stage: Optional[str] = None, *,
   tmp = f"{os.path.normpath(out_dir)}.partial-{os.getpid()}"
   os.makedirs(tmp)
   try:
+    # The card names the final directory, not the temporary one it is written in.
     meta = write_export(gen, tmp, run_config=config, eval_dir=os.path.join(workdir, "eval"),
-                        grid_size=grid_size)
+                        grid_size=grid_size, name=os.path.basename(os.path.normpath(out_dir)))
     if os.path.isdir(out_dir):
       os.rmdir(out_dir)  # empty: checked above
     os.replace(tmp, out_dir)  # a killed export leaves only <out>.partial-<pid>

@@ -52,7 +52,7 @@ def main(argv):
     _fail(str(e))
   except OSError as e:
     _fail(f"--out={FLAGS.out}: {e.strerror or e}; choose a directory you can write to.")
-  print(f"[export] {meta['role']} of {meta['source'].get('workdir')} "
+  print(f"[export] {meta['role']} of {FLAGS['from'].value} "
         f"({meta['source'].get('stage')} stage) -> {FLAGS.out}: "
         f"{', '.join(sorted(os.listdir(FLAGS.out)))}", flush=True)
 

@@ -152,6 +152,21 @@ def test_export_loads_alone_and_draws_the_same_images(exported, gen):
   np.testing.assert_array_equal(loaded(key, [1, 8, 8]), gen(key, [1, 8, 8]))
 
 
+def test_the_model_card_is_shareable(exported, run):
+  """The card's snippet loads the export by its final directory's name (not the temporary
+  <out>.partial-<pid> it was written in), and it records the run by experiment, config hash and
+  step, with no path of the training machine (issue 22, item 6)."""
+  card = open(os.path.join(exported, "README.md")).read()
+  meta = json.load(open(os.path.join(exported, "config.json")))
+  assert 'Generator.load("digits")' in card and "partial" not in card
+  assert os.sep + "tmp" not in card and "copy" not in card and run[0] not in card
+  source = meta["source"]
+  assert "workdir" not in source and "export" not in source
+  assert source["experiment"] == run[1].name and source["step"] == run[1].distribution.num_steps
+  assert len(source["config_sha256"]) == 12 and source["config_sha256"] in card
+  assert f"experiment {run[1].name}" in card and f"step\n{source['step']}" in card
+
+
 def test_exported_keys_are_the_published_layout_plus_the_interval_embedder(exported, gen):
   from safetensors.numpy import load_file
   tensors = load_file(os.path.join(exported, "model.safetensors"))
