@@ -307,20 +307,28 @@ def write_export(gen: Generator, out_dir: str, *, run_config, eval_dir: Optional
 
 
 def export_run(workdir: str, out_dir: str, stage: Optional[str] = None, *,
-               grid_size: int = 64) -> dict:
+               grid_size: int = 64, fmt: str = "hierdistill", num_steps: int = 1) -> dict:
   """Exports a run's generator (its last finished stage, or `stage`) to out_dir; returns the
-  export's config. out_dir must not hold anything yet (nothing is overwritten)."""
+  export's config. out_dir must not hold anything yet (nothing is overwritten). fmt: this
+  library's format, or one a published codebase loads (export_formats.FORMATS: the one-step
+  student only, num_steps=1)."""
+  from hierdistill import export_formats  # pylint: disable=g-import-not-at-top
   if os.path.exists(out_dir) and os.listdir(out_dir):
     raise ConfigError(f"--out={out_dir} is not empty; give a new directory (an export never "
                       "overwrites files).")
   config = read_run_config(workdir)
   gen = Generator.from_workdir(workdir, stage)
+  export_formats.check_request(gen, fmt, num_steps)
   tmp = f"{os.path.normpath(out_dir)}.partial-{os.getpid()}"
   os.makedirs(tmp)
   try:
     # The card names the final directory, not the temporary one it is written in.
-    meta = write_export(gen, tmp, run_config=config, eval_dir=os.path.join(workdir, "eval"),
-                        grid_size=grid_size, name=os.path.basename(os.path.normpath(out_dir)))
+    name = os.path.basename(os.path.normpath(out_dir))
+    if fmt == "hierdistill":
+      meta = write_export(gen, tmp, run_config=config, eval_dir=os.path.join(workdir, "eval"),
+                          grid_size=grid_size, name=name)
+    else:
+      meta = export_formats.write(gen, tmp, fmt, run_config=config, name=name)
     if os.path.isdir(out_dir):
       os.rmdir(out_dir)  # empty: checked above
     os.replace(tmp, out_dir)  # a killed export leaves only <out>.partial-<pid>

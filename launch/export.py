@@ -11,6 +11,11 @@ Flags:
   --stage=NAME     the stage to export (default the last finished: distribution, trajectory,
                    teacher)
   --out=DIR        a new (or empty) directory
+  --format=NAME    hierdistill (default: the directory above, any stage, any number of steps),
+                   or the one-step student for another codebase (hierdistill/export_formats.py):
+                   diffusers (a SanaPipeline folder, text students), sit / dit / lightningdit
+                   (the official model code's checkpoint, class-conditional students)
+  --num_steps=N    the steps the export must reproduce; the other formats hold one (default 1)
 Exit status: 0 done; 2 a mistake in the command (one line `error: ...`).
 """
 import os
@@ -27,6 +32,10 @@ flags.DEFINE_string("from", None, "The run's workdir.")
 flags.DEFINE_string("stage", None, "The stage to export (default the last finished).")
 flags.DEFINE_string("out", None, "The export directory (new or empty).")
 flags.DEFINE_integer("grid_size", 64, "Samples in the export's grid.")
+flags.DEFINE_enum("format", "hierdistill",
+                  ["hierdistill", "diffusers", "sit", "dit", "lightningdit"],
+                  "The export's format (hierdistill/export_formats.py).")
+flags.DEFINE_integer("num_steps", 1, "Sampling steps the export must reproduce.")
 FLAGS = flags.FLAGS
 
 
@@ -47,13 +56,14 @@ def main(argv):
   from hierdistill.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
   try:
     meta = generator.export_run(FLAGS["from"].value, FLAGS.out, FLAGS.stage,
-                                grid_size=FLAGS.grid_size)
+                                grid_size=FLAGS.grid_size, fmt=FLAGS.format,
+                                num_steps=FLAGS.num_steps)
   except ConfigError as e:
     _fail(str(e))
   except OSError as e:
     _fail(f"--out={FLAGS.out}: {e.strerror or e}; choose a directory you can write to.")
   print(f"[export] {meta['role']} of {FLAGS['from'].value} "
-        f"({meta['source'].get('stage')} stage) -> {FLAGS.out}: "
+        f"({meta['source'].get('stage')} stage, format {FLAGS.format}) -> {FLAGS.out}: "
         f"{', '.join(sorted(os.listdir(FLAGS.out)))}", flush=True)
 
 

@@ -184,3 +184,31 @@ def param_count(layout: Dict[str, Tuple[int, ...]]) -> int:
   """What torch counts as the model's parameters: the layout without the rotary buffers
   (pos_embed is a frozen nn.Parameter there, so it counts, as in DiT's published figures)."""
   return sum(math.prod(s) for k, s in layout.items() if not k.startswith("feat_rope."))
+
+
+def to_published(params: Dict[str, Any], model) -> Dict[str, np.ndarray]:
+  """{official key: float32 array} of a LightningDiT teacher's params: import_lightningdit run
+  backwards (the fixed tables written, the prediction negated back to LightningDiT's x - e
+  when the model holds its time convention, MODEL_FIELDS). The exporter of export_formats.py."""
+  from hierdistill.models.dit import sincos_pos_embed_2d  # pylint: disable=g-import-not-at-top
+  from hierdistill.models.lightningdit import rope_tables  # pylint: disable=g-import-not-at-top
+  flat = {k: np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(
+      params.unfreeze() if hasattr(params, "unfreeze") else params).items()}
+  if all(getattr(model, f) == v for f, v in MODEL_FIELDS.items()):
+    convert_dit._negate_prediction(flat, model.patch_size, model.in_channels,  # pylint: disable=protected-access
+                                   model.in_channels)
+  out = {"pos_embed": sincos_pos_embed_2d(model.hidden_size, model.grid_size)[None]}
+  if model.use_rope:
+    out["feat_rope.freqs_cos"], out["feat_rope.freqs_sin"] = rope_tables(
+        model.hidden_size // model.num_heads, model.grid_size, model.rope_theta)
+  for key in layout_of_model(model):
+    if key in out:
+      continue
+    path, layout = _flax_path(key)
+    value = flat[path]
+    if layout == "conv":
+      value = value.transpose(3, 2, 0, 1)  # (p, p, C, D) -> (D, C, p, p)
+    elif layout == "dense":
+      value = value.T
+    out[key] = np.ascontiguousarray(value, np.float32)
+  return {k: np.asarray(v, np.float32) for k, v in out.items()}
