@@ -23,12 +23,18 @@ from hierdistill.config_checks import TRAINING_STAGES, ConfigError
 
 CONFIG_FILE = "config.json"
 FREE_KEYS = ("name", "stages", "mesh", "sharding_rules", "max_consecutive_nonfinite",
-             "data.data_dir", "model.remat", "sample", "eval")
-FREE_STAGE_KEYS = ("log_every", "checkpoint_every", "keep")
+             "data.data_dir", "model.remat", "model.remat_policy", "sample", "eval")
+# microbatches: gradient accumulation changes memory and time, not the update, so a run may
+# resume on a smaller slice with more micro-batches.
+FREE_STAGE_KEYS = ("log_every", "checkpoint_every", "keep", "microbatches")
 
 
-def check_writable(workdir: str) -> None:
+def check_writable(workdir: str, *, what: str = "workdir", flag: str = "--workdir") -> None:
   """ConfigError unless workdir exists as a writable directory or can be created as one.
+
+  Any directory a command will write to is checked this way before the work (the folder of
+  launch/sample.py's --out, an export dir, a latents dir): `what` names it in the message,
+  `flag` is the option to change.
 
   Tried, not inferred from permission bits: root ignores those, yet cannot write to an immutable
   directory (chattr +i), a read-only mount or a full disk. The probe is a temporary directory
@@ -40,15 +46,15 @@ def check_writable(workdir: str) -> None:
   while not os.path.exists(probe):
     probe = os.path.dirname(probe)
   if not os.path.isdir(probe):
-    raise ConfigError(f"workdir {workdir} cannot be created: {probe} is a file, not a "
-                      "directory; choose another --workdir.")
+    raise ConfigError(f"{what} {workdir} cannot be created: {probe} is a file, not a "
+                      f"directory; choose another {flag}.")
   try:
     with tempfile.TemporaryDirectory(prefix=".hierdistill-probe-", dir=probe):
       pass
   except OSError as e:
     reason = (e.strerror or type(e).__name__).lower()
-    raise ConfigError(f"workdir {workdir} is not writable ({probe}: {reason}); choose a "
-                      "--workdir you can write to.") from None
+    raise ConfigError(f"{what} {workdir} is not writable ({probe}: {reason}); choose a "
+                      f"{flag} you can write to.") from None
 
 
 def make_workdir(workdir: str) -> None:

@@ -97,7 +97,15 @@ def main(argv):
   from hierdistill.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
   from hierdistill.generator import Generator  # pylint: disable=g-import-not-at-top
   from hierdistill.stages.loop import format_duration  # pylint: disable=g-import-not-at-top
+  from hierdistill.workdir import check_writable  # pylint: disable=g-import-not-at-top
 
+  try:
+    # Before any sampling: an existing folder may still refuse the file (permissions, a
+    # read-only mount, /proc), which PIL would only report after all the work.
+    check_writable(os.path.dirname(out) or ".", what=f"--out={out}: the directory",
+                   flag="--out")
+  except ConfigError as e:
+    _fail(str(e))
   try:
     gen = Generator.load(source, FLAGS.stage)
     asked = _asked(gen, FLAGS.num)
@@ -117,15 +125,18 @@ def main(argv):
   except (ConfigError, ValueError) as e:
     _fail(str(e).splitlines()[0])
   samples = np.concatenate(parts)
-  export.save_samples(samples, out, gen, asked)
   record = {"from": os.path.abspath(source), "stage": gen.info.get("stage"),
             "role": gen.role, "seed": FLAGS.seed, "num": len(asked), "steps": FLAGS.steps or
             (1 if gen.role == "student" else gen.sample_config.get("teacher_steps")),
             "cfg_scale": FLAGS.cfg_scale, "batch_size": FLAGS.batch_size, "asked": asked,
             "nfe": gen.nfe(FLAGS.steps, FLAGS.cfg_scale), "out": os.path.abspath(out),
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
-  with open(out + ".json", "w") as f:
-    json.dump(record, f, indent=2, default=str)
+  try:  # the folder was writable a moment ago; a full disk still fails here, in one line
+    export.save_samples(samples, out, gen, asked)
+    with open(out + ".json", "w") as f:
+      json.dump(record, f, indent=2, default=str)
+  except OSError as e:
+    _fail(f"--out={out}: {e.strerror or e}; choose a file you can write to.")
   print(f"[sample] {len(asked)} samples, seed {FLAGS.seed}, {record['nfe']} network pass(es) "
         f"each, in {format_duration(time.time() - t0)} -> {out} (and {out}.json)", flush=True)
 
