@@ -1,6 +1,6 @@
 """Where a finished stage 2's AWD looks, drawn after the fact from its workdir.
 
-The training loop draws the same view at the end of stage 2 (stages/token_view.py); this one
+The training loop draws the same view at the end of stage 2 (evaluation/token_view.py); this one
 serves tables and notebooks that hold a finished run: its last checkpoint carries the fake
 network and the discriminator, which the exported generator does not.
 
@@ -22,7 +22,7 @@ from hierdistill.config_checks import ConfigError
 from hierdistill.event_writer import NullWriter
 from hierdistill.generator import read_run_config
 from hierdistill.sources.base import GRID_SALT
-from hierdistill.stages import token_view
+from hierdistill.evaluation import token_view
 
 STAGE = "distribution"
 

@@ -39,7 +39,6 @@ from hierdistill import sampling
 from hierdistill import sharding as shard_lib
 from hierdistill import sources
 from hierdistill.config_checks import TRAINING_STAGES, ConfigError
-from hierdistill.stages import common
 
 # The last finished of these is what a workdir's generator is, unless a stage is named.
 GENERATOR_STAGES = ("distribution", "trajectory", "teacher")
@@ -199,11 +198,11 @@ class Generator:
 
     def program(params, decoder_params, noise, c):
       if role == "student":
-        u_fn = lambda z, r, t: common.apply_model(model, params, z, r, t, c)
+        u_fn = lambda z, r, t: sampling.apply_model(model, params, z, r, t, c)
         x = sampling.flow_map_sample(u_fn, noise, num_steps=num_steps)
       else:
-        x = common.sample_teacher(sample_block, model, conditions, params, noise, c,
-                                  num_steps=num_steps)
+        x = sampling.sample_teacher_from_config(sample_block, model, conditions, params, noise,
+                                                c, num_steps=num_steps)
       if decoder is not None:  # the model's latents -> the VAE's -> pixels
         from hierdistill.models import vae  # pylint: disable=g-import-not-at-top
         x = decoder.apply({"params": decoder_params}, vae.unscale_latents(decoder, x),

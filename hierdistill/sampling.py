@@ -22,6 +22,11 @@ dtype: a bfloat16 state would lose the small per-step increments of a long sampl
 
 NFE (network function evaluations) are counted by `teacher_nfe` as forward passes of the network
 per sample; see there for the CFG convention.
+
+A network enters only at the end (`apply_model`, `velocity_fn`, `sample_teacher_from_config`):
+any module whose apply takes (z, r, t, c), the interface of every network here; still no Flax
+import. They live with the samplers, not the training stages, so that a finished generator and
+the evaluation sample a network without importing training code.
 """
 from __future__ import annotations
 
@@ -317,3 +322,26 @@ def flow_map_sample(u_fn: MeanVelocityFn, noise: Array, num_steps: int = 1, *,
     return z - _per_sample(t - r, z) * _eval(u_fn, z, r, t)
 
   return _integrate(step, noise, num_steps, t_start, t_end)
+
+
+# -- a network and its params as the callables above ---------------------------------------------
+
+def apply_model(model, params, z, r, t, c, **kwargs) -> Array:
+  """model.apply with the (z, r, t, c) interface of every network here."""
+  return model.apply({"params": params}, z, r, t, c, **kwargs)
+
+
+def velocity_fn(model, params) -> CondVelocityFn:
+  """v(z, t, c) of a flow model (teacher or fake network): r = t."""
+  return lambda z, t, c: apply_model(model, params, z, None, t, c)
+
+
+def sample_teacher_from_config(config, model, conditions, params, noise, c, *,
+                               num_steps: int) -> Array:
+  """The teacher's ODE with config.sample's solver and guidance against the null condition."""
+  s = config.sample
+  return sample_teacher(
+      velocity_fn(model, params), noise, c, num_steps=num_steps, method=s.teacher_method,
+      cfg_scale=s.cfg_scale, cfg_interval=s.get("cfg_interval"),
+      guided_channels=s.get("guided_channels"), null=conditions.null_like(c),
+      shift=float(s.get("shift", 1.0)), integer_timesteps=bool(s.get("integer_timesteps", False)))

@@ -7,9 +7,9 @@
 Reads imagenet2012 through tfds (prepared from the manual download dir on first use), crops and
 resizes each image to config.data.image_size as ADM does, encodes it (and its mirror image, with
 config.data.flip) with the VAE on the devices of each process, and writes array_record shards of
-the posterior and the label to config.data.latents_dir (hierdistill/data/imagenet_latents.py
-describes the format). Several processes (a pod, a SLURM job) split the shards between them;
-rerunning skips finished shards.
+the posterior and the label to config.data.latents_dir (hierdistill/encoding.py does the work;
+hierdistill/data/imagenet_latents.py describes the format). Several processes (a pod, a SLURM
+job) split the shards between them; rerunning skips finished shards.
 """
 import os
 import sys
@@ -34,19 +34,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # tfds logs every file it reads at INFO
   from hierdistill import sharding  # pylint: disable=g-import-not-at-top
   sharding.maybe_initialize_distributed()
-  from hierdistill.data import imagenet_latents  # pylint: disable=g-import-not-at-top
-  config = _CONFIG.value
-  if not config.data.latents_dir:
-    print("error: config.data.latents_dir='': name the folder to write the latents to "
-          "(--config.data.latents_dir=DIR)", file=sys.stderr)
-    sys.exit(2)
-  try:
-    result = imagenet_latents.extract_from_config(config, config.data.latents_dir)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
-  print(f"[extract] done: {result['written']} shards written, {result['skipped']} found "
-        f"complete, in {config.data.latents_dir}", flush=True)
+  from hierdistill import encoding  # pylint: disable=g-import-not-at-top
+  encoding.run_launcher(_CONFIG.value, encoding.extract_from_config)
 
 
 if __name__ == "__main__":

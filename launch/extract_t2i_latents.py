@@ -36,20 +36,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from hierdistill import sharding  # pylint: disable=g-import-not-at-top
   sharding.maybe_initialize_distributed()
-  from hierdistill.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
+  from hierdistill import encoding  # pylint: disable=g-import-not-at-top
   from hierdistill.sources import mjhq  # pylint: disable=g-import-not-at-top
-  config = _CONFIG.value
-  if not config.data.latents_dir:
-    print("error: config.data.latents_dir='': name the folder to write the shards to "
-          "(--config.data.latents_dir=DIR)", file=sys.stderr)
-    sys.exit(2)
-  try:
-    result = mjhq.extract_from_config(config, config.data.latents_dir)
-  except (ConfigError, ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
-  print(f"[extract] done: {result['written']} shards written, {result['skipped']} found "
-        f"complete, in {config.data.latents_dir}", flush=True)
+  encoding.run_launcher(_CONFIG.value, mjhq.extract_from_config)
 
 
 if __name__ == "__main__":

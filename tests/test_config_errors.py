@@ -3,6 +3,7 @@ with one line naming the problem and the fix (ConfigError; `error: ...` and exit
 the command line)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -299,3 +300,25 @@ def test_workdir_where_the_permission_bits_lie(tmp_path, data_dir):
     pytest.skip("no /sys that the permission bits call writable")
   rejects(tiny_config(data_dir), "/sys/hierdistill_run", r"^workdir /sys/hierdistill_run is not "
           r"writable \(/sys: .*\); choose a --workdir you can write to\.$")
+
+
+# -- the files other commands write -------------------------------------------------------------
+@pytest.mark.parametrize("script, args, flag", [
+    ("sample.py", ["--from=runs/none"], "--out=/proc/self/samples.png"),
+    ("extract_latents.py", ["--config=" + os.path.join(ROOT, "experiments", "imagenet256.py")
+                            + ":runlocal"], "--config.data.latents_dir=/proc/hierdistill"),
+    ("extract_t2i_latents.py", ["--config=" + os.path.join(ROOT, "experiments", "mjhq_sana.py")
+                                + ":runlocal"], "--config.data.latents_dir=/proc/hierdistill"),
+])
+def test_an_output_folder_that_cannot_be_written_is_one_line_before_the_work(script, args, flag):
+  """/proc exists, and even root cannot make anything in it: the folder is tried before any
+  network loads or any sample is drawn, as a workdir is."""
+  if not os.path.isdir("/proc/self"):
+    pytest.skip("no /proc here")
+  cmd = [sys.executable, os.path.join(ROOT, "launch", script), *args, flag]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, XLA_FLAGS=""))
+  line = one_line_error(out)
+  assert re.search(r" is not writable \(/proc\S*: .*\); choose a --\S+ you can write to\.$",
+                   line), line
+  assert "[sample]" not in out.stdout and "[extract]" not in out.stdout

@@ -13,6 +13,7 @@ from experiments import imagenet256
 from hierdistill.config_checks import ConfigError, validate_config
 from hierdistill.convert import dit as convert_dit
 from hierdistill.convert import from_config
+from hierdistill import encoding
 from hierdistill.data import imagenet_latents as il
 
 
@@ -122,7 +123,7 @@ def test_extract_mock_imagenet_matches_direct_encoding(tmp_path):
   c.data.update(mock_num_examples=8, num_shards=2, extract_batch_size=8, image_size=16)
   c.vae.sizes.update(block_out_channels=(4, 8), norm_num_groups=4)
   out = str(tmp_path / "latents")
-  result = il.extract_from_config(c, out, reference_size=8, log=lambda *_: None)
+  result = encoding.extract_from_config(c, out, reference_size=8, log=lambda *_: None)
   assert result == {"written": 2, "skipped": 0}
   ds = il.open_latents(out)
   assert ds.num_examples == 8 and ds.shape == (8, 8, 4) and ds.info["flips"]
@@ -139,7 +140,7 @@ def test_extract_mock_imagenet_matches_direct_encoding(tmp_path):
   np.testing.assert_allclose(recs["std"], np.exp(0.5 * logvar[:8]), atol=2e-3, rtol=2e-3)
   np.testing.assert_allclose(recs["flip_mean"], mean[8:], atol=2e-3, rtol=2e-3)
   # Rerunning skips complete shards.
-  assert il.extract_from_config(c, out, log=lambda *_: None) == {"written": 0, "skipped": 2}
+  assert encoding.extract_from_config(c, out, log=lambda *_: None) == {"written": 0, "skipped": 2}
 
 
 def test_scorer_reference_against_itself():
@@ -188,6 +189,40 @@ def test_the_imagenet_source_is_registered_and_the_chain_names_no_source():
   assert pipeline.is_published_checkpoint("/m/tiny.safetensors")
   assert not pipeline.is_published_checkpoint("/run/teacher/checkpoints/4/export")
   assert not pipeline.is_published_checkpoint("")
+
+
+def _imports_of(path: str) -> set:
+  """Every hierdistill module a source file imports, at its top or inside a function."""
+  import ast
+  found = set()
+  for node in ast.walk(ast.parse(open(path).read())):
+    if isinstance(node, ast.Import):
+      found.update(a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      found.update([node.module] + [f"{node.module}.{a.name}" for a in node.names])
+  return {m for m in found if m.startswith("hierdistill")}
+
+
+# (files, the packages they must not import, why): DESIGN.md's layers, which reach down only.
+LAYER_RULES = (
+    (("evaluation/", "generator.py", "export.py", "awd_view.py"), "hierdistill.stages",
+     "a finished generator and the evaluation need no training code"),
+    (("data/",), "hierdistill.models", "data readers know no network (encoding.py applies one)"),
+)
+
+
+def test_layers_import_nothing_above_them():
+  root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hierdistill")
+  files = sorted(os.path.relpath(os.path.join(d, f), root)
+                 for d, _, fs in os.walk(root) for f in fs if f.endswith(".py"))
+  broken = []
+  for where, banned, why in LAYER_RULES:
+    for rel in files:
+      if rel.startswith(where):
+        bad = [m for m in _imports_of(os.path.join(root, rel))
+               if m == banned or m.startswith(banned + ".")]
+        broken += [f"{rel} imports {m} ({why})" for m in sorted(bad)]
+  assert not broken, broken
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments import imagenet256
-from hierdistill import event_writer, pipeline
+from hierdistill import encoding, event_writer, pipeline
 from hierdistill.config_checks import ConfigError, validate_config
 from hierdistill.convert import from_config
 from hierdistill.data import imagenet_latents as il
@@ -53,7 +53,7 @@ def _tiny_vavae_config(tmp_path, stats_path=""):
 def test_extraction_with_a_va_vae(tmp_path):
   c = _tiny_vavae_config(tmp_path)
   out = str(tmp_path / "latents")
-  assert il.extract_from_config(c, out, reference_size=8, log=lambda *_: None) == {
+  assert encoding.extract_from_config(c, out, reference_size=8, log=lambda *_: None) == {
       "written": 2, "skipped": 0}
   ds = il.open_latents(out)
   assert ds.shape == (2, 2, 32)
@@ -79,7 +79,7 @@ def test_per_channel_normalisation_in_and_out(tmp_path):
   c.data.latent_sampling = "mean"
   c.data.flip = False
   out = str(tmp_path / "latents")
-  il.extract_from_config(c, out, reference_size=8, log=lambda *_: None)
+  encoding.extract_from_config(c, out, reference_size=8, log=lambda *_: None)
   ds = il.open_latents(out)
   scale, shift = from_config.latent_affine(c)
   pipe = il.LatentPipeline(ds, 8, 0, scaling_factor=scale, latent_shift=shift,

@@ -1,5 +1,5 @@
 """ImageNet as SD-VAE latents in array_record shards: the format launch/extract_latents.py writes
-and the training input that reads it.
+(through hierdistill/encoding.py, which applies the VAE) and the training input that reads it.
 
 Layout of a latents dir:
   info.json                          what made the latents (VAE, image size, crop, flips, counts)
@@ -21,7 +21,6 @@ number of processes either.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import glob
 import json
@@ -237,7 +236,8 @@ def read_all(dataset: LatentDataset, limit: Optional[int] = None) -> Dict[str, n
 
 
 # ---------------------------------------------------------------------------------------------
-# Extraction: imagenet2012 (tfds) -> ADM centre crop -> SD-VAE posterior -> shards.
+# The pieces of extraction that need no network (encoding.py applies the VAE and writes shards):
+# the crop, the split of the examples into shards, the reference batch.
 
 
 def adm_center_crop(image: np.ndarray, size: int) -> np.ndarray:
@@ -261,92 +261,6 @@ def shard_ranges(num_examples: int, num_shards: int) -> List[tuple]:
           for k in range(num_shards)]
 
 
-def make_encode_fn(vae, mesh, flips: bool):
-  """jit (params, uint8 images (B, S, S, 3)) -> (mean, std) float16, (2B, ...) with flips (the
-  flipped images second), the batch split over the mesh's devices."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from hierdistill.models.vae import AutoencoderKL  # pylint: disable=g-import-not-at-top
-
-  def encode(params, images):
-    x = images.astype(jnp.float32) / 127.5 - 1.0  # DiT/SiT's Normalize(0.5, 0.5) of [0, 1]
-    if flips:
-      x = jnp.concatenate([x, x[:, :, ::-1]], axis=0)
-    mean, logvar = vae.apply({"params": params}, x, method=AutoencoderKL.encode)
-    return mean.astype(jnp.float16), jnp.exp(0.5 * logvar).astype(jnp.float16)
-
-  batch = NamedSharding(mesh, P(mesh.axis_names))
-  return jax.jit(encode, in_shardings=(NamedSharding(mesh, P()), batch),
-                 out_shardings=(batch, batch))
-
-
-def extract(*, read_split, num_examples: int, out_dir: str, vae, vae_params, mesh,
-            image_size: int, flips: bool, num_shards: int, batch_size: int,
-            process_index: int = 0, process_count: int = 1, info: Optional[Dict] = None,
-            log=print, workers: int = 8) -> Dict[str, Any]:
-  """Writes this process's shards (k = process_index mod process_count) of the latents.
-
-  read_split(start, end) -> iterator of (image uint8 (H, W, 3), label) for examples
-  [start, end) of the split, in order. Shards whose file exists are skipped, so an interrupted
-  extraction resumes by shard. Each process encodes on the devices of `mesh` (its own), so
-  processes never wait for each other. Process 0 writes info.json first.
-  Returns {'written': shards written here, 'skipped': shards found complete}.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  if num_shards % process_count:
-    raise ValueError(f"config.data.num_shards={num_shards} must be a multiple of the "
-                     f"{process_count} processes")
-  n_dev = mesh.devices.size
-  if batch_size % n_dev:
-    raise ValueError(f"config.data.extract_batch_size={batch_size} must be a multiple of the "
-                     f"{n_dev} devices of a process")
-  os.makedirs(out_dir, exist_ok=True)
-  h = image_size // vae.downsampling_factor
-  if process_index == 0:
-    write_info(out_dir, {
-        **(info or {}), "num_examples": num_examples, "num_shards": num_shards,
-        "num_classes": NUM_CLASSES, "latent_shape": [h, h, vae.latent_channels],
-        "image_size": image_size, "crop": "adm_center_crop", "flips": flips,
-        "scaling_factor_not_applied": vae.scaling_factor})
-  encode = make_encode_fn(vae, mesh, flips)
-  params = jax.device_put(vae_params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  written = skipped = 0
-  pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
-  for k, (start, end) in enumerate(shard_ranges(num_examples, num_shards)):
-    if k % process_count != process_index:
-      continue
-    path = os.path.join(out_dir, shard_name("train", k, num_shards))
-    if os.path.exists(path):
-      skipped += 1
-      continue
-    writer = ShardWriter(path)
-    examples = read_split(start, end)
-    while True:
-      chunk = [ex for _, ex in zip(range(batch_size), examples)]
-      if not chunk:
-        break
-      images = list(pool.map(lambda ex: adm_center_crop(ex[0], image_size), chunk))
-      labels = [int(ex[1]) for ex in chunk]
-      n = len(images)
-      batch = np.zeros((batch_size, image_size, image_size, 3), np.uint8)  # padded last batch
-      batch[:n] = np.stack(images)
-      mean, std = (np.asarray(a) for a in encode(params, batch))
-      for i in range(n):
-        if flips:
-          writer.write(encode_record(mean[i], std[i], labels[i], mean[batch_size + i],
-                                     std[batch_size + i]))
-        else:
-          writer.write(encode_record(mean[i], std[i], labels[i]))
-    if writer.count != end - start:
-      raise RuntimeError(f"shard {k}: read {writer.count} examples, expected {end - start}")
-    writer.close()
-    written += 1
-    log(f"[extract] shard {k + 1}/{num_shards}: {end - start} examples -> {path}")
-  pool.shutdown()
-  return {"written": written, "skipped": skipped}
-
-
 def write_reference_batch(path: str, images: np.ndarray, labels: np.ndarray) -> None:
   """A reference batch in ADM's format (arr_0 uint8 (N, S, S, 3), arr_1 labels): what
   runlocal evaluates against in place of VIRTUAL_imagenet256_labeled.npz."""
@@ -354,81 +268,3 @@ def write_reference_batch(path: str, images: np.ndarray, labels: np.ndarray) -> 
   with open(path + ".tmp", "wb") as f:
     np.savez(f, arr_0=np.asarray(images, np.uint8), arr_1=np.asarray(labels, np.int64))
   os.replace(path + ".tmp", path)
-
-
-# ---------------------------------------------------------------------------------------------
-# The tfds source and the config-driven extraction (launch/extract_latents.py, runlocal).
-
-
-def _tfds_source(data_config, split: str):
-  """(read_split(start, end), num_examples) of imagenet2012 through tfds; prepares it from the
-  manual download dir first if needed. Missing files name config.data.manual_dir."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  mock = int(data_config.get("mock_num_examples", 0))
-  data_dir = data_config.data_dir or os.environ.get("TFDS_DATA_DIR") or None
-  builder = tfds.builder("imagenet2012", data_dir=data_dir)
-  if mock:
-    num_examples = mock
-  else:
-    if not builder.is_prepared():
-      manual = data_config.manual_dir
-      tar = os.path.join(manual or "", "ILSVRC2012_img_train.tar")
-      if not manual or not os.path.isfile(tar):
-        raise FileNotFoundError(
-            f"config.data.manual_dir={manual!r}: no ILSVRC2012_img_train.tar there, and "
-            f"imagenet2012 is not prepared under config.data.data_dir={data_config.data_dir!r};"
-            " expected the ILSVRC2012 archives from image-net.org (tfds manual download)")
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(manual_dir=manual))
-    num_examples = builder.info.splits[split].num_examples
-
-  def read_split(start: int, end: int):
-    if mock:  # mock_data ignores slicing: take the examples by position
-      ds = builder.as_dataset(split=split, shuffle_files=False).skip(start).take(end - start)
-    else:
-      ds = builder.as_dataset(split=f"{split}[{start}:{end}]", shuffle_files=False)
-    for ex in tfds.as_numpy(ds):
-      yield ex["image"], ex["label"]
-
-  return read_split, num_examples
-
-
-def extract_from_config(config, out_dir: str, *, mesh=None, log=print,
-                        reference_size: int = 0) -> Dict[str, Any]:
-  """Extracts config.data's imagenet2012 split into `out_dir` with the config's VAE.
-
-  With data.mock_num_examples > 0 the source is tfds.testing.mock_data (random images) and
-  `reference_size` of the cropped images are also written as a reference batch
-  (out_dir/reference.npz, ADM's npz format).
-  """
-  import contextlib  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from hierdistill.convert import from_config  # pylint: disable=g-import-not-at-top
-  from hierdistill import sharding as shard_lib  # pylint: disable=g-import-not-at-top
-  d = config.data
-  mock = int(d.get("mock_num_examples", 0))
-  vae, vae_params = from_config.load_vae(config)
-  # Each process encodes on its own devices: extraction needs no cross-host collectives.
-  mesh = mesh or shard_lib.make_mesh(-1, 1, devices=jax.local_devices())
-  ctx = contextlib.nullcontext()
-  if mock:
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    ctx = tfds.testing.mock_data(num_examples=mock, policy=tfds.testing.MockPolicy.USE_CODE)
-  with ctx:
-    read_split, n = _tfds_source(d, "train")
-    info = {"source": "mock imagenet2012 (tfds.testing.mock_data)" if mock else
-                      "imagenet2012 (tfds), train split",
-            "vae": {"path": config.vae.path, "variant": config.vae.variant,
-                    "random_init": bool(config.vae.random_init)}}
-    result = extract(read_split=read_split, num_examples=n, out_dir=out_dir, vae=vae,
-                     vae_params=vae_params, mesh=mesh, image_size=int(d.image_size),
-                     flips=bool(d.flip), num_shards=int(d.num_shards),
-                     batch_size=int(d.extract_batch_size),
-                     process_index=jax.process_index(), process_count=jax.process_count(),
-                     info=info, log=log)
-    if mock and reference_size and jax.process_index() == 0:
-      examples = list(zip(range(reference_size), read_split(0, n)))
-      images = np.stack([adm_center_crop(ex[0], int(d.image_size)) for _, ex in examples])
-      labels = np.asarray([int(ex[1]) for _, ex in examples])
-      write_reference_batch(os.path.join(out_dir, "reference.npz"), images, labels)
-  return result

@@ -28,7 +28,6 @@ from typing import Any, Callable, NamedTuple
 import jax
 
 from hierdistill import sampling
-from hierdistill.stages import common
 
 EVAL_SALT = 0xE7A1
 STUDENT_LABELS = (("trajectory", "stage 1 (TD)"), ("distribution", "stage 2 (HD)"))
@@ -47,8 +46,8 @@ def teacher_sampler(chain, num_steps: int) -> Callable:
   config, teacher, conditions = chain.config, chain.nets.teacher, chain.source.conditions
 
   def fn(params, noise, c):
-    return common.sample_teacher(config, teacher, conditions, params, noise, c,
-                                 num_steps=num_steps)
+    return sampling.sample_teacher_from_config(config, teacher, conditions, params, noise, c,
+                                               num_steps=num_steps)
   return fn
 
 
@@ -62,7 +61,7 @@ def student_sampler(chain, num_steps: int) -> Callable:
   student = chain.nets.student
 
   def fn(params, noise, c):
-    u_fn = lambda z, r, t: common.apply_model(student, params, z, r, t, c)
+    u_fn = lambda z, r, t: sampling.apply_model(student, params, z, r, t, c)
     return sampling.flow_map_sample(u_fn, noise, num_steps=num_steps)
   return fn
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hierdistill import conditions as cond_lib
+from hierdistill import encoding
 from hierdistill import sharding as shard_lib
 from hierdistill.config_checks import ConfigError
 from hierdistill.convert import from_config
@@ -70,7 +71,7 @@ class ImageNetSource(DataSource):
     if config.data.get("mock_num_examples", 0) and not os.path.isfile(
         os.path.join(latents_dir, imagenet_latents.INFO_FILE)):
       print(f"[data] mock ImageNet -> latents in {latents_dir}", flush=True)
-      imagenet_latents.extract_from_config(
+      encoding.extract_from_config(
           config, latents_dir, reference_size=int(config.data.mock_num_examples))
     try:
       return imagenet_latents.open_latents(latents_dir)

@@ -118,21 +118,8 @@ def time_bucket_means(values: Array, t: Array, name: str, num_buckets: int = 4) 
   return out
 
 
-def apply_model(model, params, z, r, t, c, **kwargs) -> Array:
-  """model.apply with the (z, r, t, c) interface of every network here."""
-  return model.apply({"params": params}, z, r, t, c, **kwargs)
-
-
-def velocity_fn(model, params) -> Callable[[Array, Array, Any], Array]:
-  """v(z, t, c) of a flow model (teacher or fake network): r = t."""
-  return lambda z, t, c: apply_model(model, params, z, None, t, c)
-
-
-def sample_teacher(config, model, conditions, params, noise, c, *, num_steps: int) -> Array:
-  """The teacher's ODE with config.sample's solver and guidance against the null condition."""
-  s = config.sample
-  return sampling.sample_teacher(
-      velocity_fn(model, params), noise, c, num_steps=num_steps, method=s.teacher_method,
-      cfg_scale=s.cfg_scale, cfg_interval=s.get("cfg_interval"),
-      guided_channels=s.get("guided_channels"), null=conditions.null_like(c),
-      shift=float(s.get("shift", 1.0)), integer_timesteps=bool(s.get("integer_timesteps", False)))
+# Applying a network and sampling the teacher live with the samplers (sampling.py), which the
+# generator and the evaluation import without training code; the stages use them by these names.
+apply_model = sampling.apply_model
+velocity_fn = sampling.velocity_fn
+sample_teacher = sampling.sample_teacher_from_config

@@ -23,7 +23,7 @@ from PIL import Image
 from hierdistill import agreement
 from hierdistill import checkpoint as ckpt_lib
 from hierdistill import sharding as shard_lib
-from hierdistill.stages import token_view
+from hierdistill.evaluation import token_view
 
 # Exit status of a run stopped by SIGTERM/SIGINT after saving: a scheduler may requeue it.
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL
@@ -126,7 +126,7 @@ def _new_health(meta: Optional[dict] = None) -> dict:
 def _write_token_view(stage, state, frozen, images, grid_c, *, config, mesh, workdir, step,
                       writer) -> None:
   """The discriminator's token weights over the grid's samples: a PNG beside the grid, the same
-  picture and its numbers in TensorBoard (stages/token_view.py)."""
+  picture and its numbers in TensorBoard (evaluation/token_view.py)."""
   path = os.path.join(ckpt_lib.stage_dir(workdir, stage.name), f"awd_weights_step{step}.png")
   picture, weights, means = token_view.write_token_weights(
       stage, state, frozen, images, grid_c, mesh=mesh, seed=config.seed,
