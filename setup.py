@@ -18,7 +18,6 @@ setup(
         "tensorflow-datasets>=4.9",
         "tensorflow-cpu>=2.16; platform_machine=='x86_64'",
         "tensorboard>=2.16",
-        "clu>=0.0.12",
         "einops>=0.8",
         "absl-py>=2.1",
         "pillow>=10",

@@ -25,6 +25,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Steps whose loss or gradient is not finite are skipped (and counted); this many in a row
   # stop the run, its checkpoints kept (docs/reliability.md).
   c.max_consecutive_nonfinite = 20
+  # (start_step, num_steps): a jax.profiler trace of those steps of every training stage, in
+  # <workdir>/profile/<stage> (hierdistill/profiling.py); () = off. Process 0 only unless
+  # profile_all_processes.
+  c.profile = ()
+  c.profile_all_processes = False
 
   c.data = ml_collections.ConfigDict(dict(
       name="digits8x8",  # a data source of hierdistill/sources (e.g. 'digits8x8_text')

@@ -50,6 +50,12 @@ def validate_config(config) -> None:
     if cfg.get("keep") is not None:
       _check_int(cfg.keep, f"{s}.keep")
   _check_int(config.get("max_consecutive_nonfinite", 20), "max_consecutive_nonfinite")
+  profile = tuple(config.get("profile", ()) or ())
+  if profile and (len(profile) != 2 or not all(isinstance(v, int) for v in profile)
+                  or profile[0] < 0 or profile[1] < 1):
+    raise ConfigError(f"config.profile={profile!r}: give (start_step, num_steps) with "
+                      "start_step >= 0 and num_steps >= 1, e.g. --config.profile='(10, 5)', "
+                      "or () for no trace.")
   for rule in config.get("sharding_rules", ()):
     if len(rule) != 2 or rule[1] not in ("fsdp", "replicate"):
       raise ConfigError(f"config.sharding_rules: {tuple(rule)!r} is not (regex, 'fsdp' | "

@@ -23,7 +23,8 @@ from hierdistill.config_checks import TRAINING_STAGES, ConfigError
 
 CONFIG_FILE = "config.json"
 FREE_KEYS = ("name", "stages", "mesh", "sharding_rules", "max_consecutive_nonfinite",
-             "data.data_dir", "model.remat", "model.remat_policy", "sample", "eval")
+             "data.data_dir", "model.remat", "model.remat_policy", "sample", "eval", "profile",
+             "profile_all_processes")
 # microbatches: gradient accumulation changes memory and time, not the update, so a run may
 # resume on a smaller slice with more micro-batches.
 FREE_STAGE_KEYS = ("log_every", "checkpoint_every", "keep", "microbatches")

@@ -22,6 +22,7 @@ from PIL import Image
 
 from hierdistill import agreement
 from hierdistill import checkpoint as ckpt_lib
+from hierdistill import profiling
 from hierdistill import sharding as shard_lib
 from hierdistill.evaluation import token_view
 
@@ -229,15 +230,18 @@ def run_stage(stage, *, config, workdir: str, mesh, pipeline, frozen: dict,
 
   # On a pod the signal may reach some processes only, or at other steps: they stop together.
   agree_stop = agreement.StopAgreement(stage.name, start_step)
+  profiler = profiling.StepProfiler(config, workdir, stage.name)  # config.profile; off: no-op
   with _StopFlag() as stop:
     step = start_step
     while step < total:
       local = pipeline.batch(step)
       if rows > 1:  # (B * rows, ...) -> (B, rows, ...): each row is one minibatch of the step
         local = jax.tree.map(lambda a: a.reshape((a.shape[0] // rows, rows) + a.shape[1:]), local)
+      profiler.before_step(step)
       (state, health), metrics = step_fn((state, health), frozen,
                                          shard_lib.put_batch(local, mesh))
       step += 1
+      profiler.after_step(step, metrics, last=step == total)
       if step == start_step + 1:  # the first step compiles: keep it out of steps/s and ETA
         jax.block_until_ready(metrics)
         t_last, s_last = time.time(), step
@@ -265,6 +269,7 @@ def run_stage(stage, *, config, workdir: str, mesh, pipeline, frozen: dict,
         save(step)
       stop_by = agree_stop(step, stop.signal) if step < total else None
       if stop_by is not None:  # the same step on every process: all save it, all leave
+        profiler.close()
         if step % ckpt_every:
           save(step)
         ckpts.close()
