@@ -233,3 +233,23 @@ def test_captioned_grid_puts_one_caption_under_each_row(tmp_path):
   assert wrapped.shape[0] == 3 * one.shape[0]  # one caption wrapped after 2 columns
   with pytest.raises(ValueError, match="5 images need 5 captions"):
     grids.save_captioned_grid(images, ["a"], str(tmp_path / "x.png"))
+
+
+@pytest.mark.parametrize("n", [80, 16])
+def test_the_eval_grid_spreads_its_rows_over_every_stroke_and_slant(n):
+  """The eval's asks are sorted by caption; its grid (80 in digits_text, 16 in tiny) must not be
+  their first caption over and over but rows of one caption with all nine word pairs."""
+  from hierdistill.sources.digits_text import GRID_COLUMNS, spread_rows
+  rng = np.random.default_rng(0)
+  # Skewed like measured captions: some pairs rare, one (digit, pair) never asked.
+  asks = np.stack([rng.integers(0, 10, 1000), rng.choice(3, 1000, p=[0.5, 0.3, 0.2]),
+                   rng.choice(3, 1000, p=[0.6, 0.3, 0.1])], axis=1)
+  asks = asks[~((asks[:, 0] == 2) & (asks[:, 1] == 2) & (asks[:, 2] == 2))]
+  asks = asks[np.lexsort((asks[:, 0], asks[:, 2], asks[:, 1]))]
+  rows = spread_rows(asks, n)
+  assert len(rows) == n == len(set(rows.tolist()))
+  picked = asks[rows]
+  assert {tuple(p) for p in picked[:, 1:]} == {(s, l) for s in range(3) for l in range(3)}
+  changes = np.flatnonzero(np.any(picked[1:] != picked[:-1], axis=1)) + 1
+  widths = np.diff(np.concatenate([[0], changes, [n]]))
+  assert widths.max() <= min(GRID_COLUMNS, n // 9)  # rows of one caption, at most a grid row

@@ -4,8 +4,9 @@ word encoder of data/digits_text.py. The null condition is the empty prompt's en
 
 The stage grids show rows of GRID_COLUMNS samples that share one caption, printed under the
 row. The eval asks for the captions of the training digits (so the asked words follow the
-reference set's distribution), sorted so that samples with one caption sit together, and its
-grids print each caption under its row. The scorer adds to the digits columns (FD-digits, precision, recall, IS-digits, class
+reference set's distribution), sorted so that samples with one caption sit together; its grids
+pick rows of one caption from all the eval's samples so that every stroke and slant word pair
+shows (`spread_rows`), each caption printed under its row. The scorer adds to the digits columns (FD-digits, precision, recall, IS-digits, class
 accuracy of the digit the caption names) the caption agreement: the share of samples whose
 measured stroke and slant are the words asked for (and each attribute alone).
 """
@@ -82,8 +83,8 @@ class DigitsTextSource(DataSource):
   def eval_asks(self, num_samples: int) -> np.ndarray:
     """(num_samples, 3): the (label, stroke, slant) of training digits in a fixed random order,
     one digit a sample, so that the asked words follow the distribution of the reference set
-    (the training split); sorted by (stroke, slant, label), so that the first samples, which the
-    eval's grids show, cover every digit in rows of one caption.
+    (the training split); sorted by (stroke, slant, label), so that samples of one caption sit
+    together (the eval's grid picks its rows from all of them: `spread_rows`).
 
     Why one digit a sample: asking few captions many times each measures the distance to a
     different distribution. 125 training captions 8 times each put the training digits
@@ -118,6 +119,37 @@ def captions_of(asks: np.ndarray) -> list:
   return [text_lib.caption(int(k), int(s), int(l)) for k, s, l in asks]
 
 
+def spread_rows(asks: np.ndarray, n: int) -> np.ndarray:
+  """Indices of n of the asks for a grid that shows the words at work: rows of one caption,
+  row i with the i-th of the nine (stroke, slant) pairs in grid_asks' order (so the first nine
+  rows hold every pair, each word three times) and digit i % 10 where the asks hold that
+  caption, else the pair's most asked digit. Rows are n // 9 samples wide (at most
+  GRID_COLUMNS), so even a small grid shows all nine pairs. The sorted asks alone would fill a
+  grid with their first caption ("a thin, left-leaning ...")."""
+  width = int(np.clip(n // 9, 1, GRID_COLUMNS))
+  by_caption = {}
+  for i, ask in enumerate(map(tuple, np.asarray(asks))):
+    by_caption.setdefault(ask, []).append(i)
+  taken = {caption: 0 for caption in by_caption}
+  picked, row, misses = [], 0, 0
+  while len(picked) < n and misses < 9:
+    pair = (row % 3, (row // 3 + row) % 3)
+    row += 1
+    left = {k: len(v) - taken[(k,) + pair] for (k, *p), v in by_caption.items()
+            if tuple(p) == pair and len(v) > taken[(k,) + pair]}
+    if not left:  # this pair is never asked, or all its samples are shown
+      misses += 1
+      continue
+    misses = 0
+    digit = (row - 1) % 10 if (row - 1) % 10 in left else max(left, key=lambda k: (left[k], -k))
+    caption = (digit,) + pair
+    start = taken[caption]
+    chosen = by_caption[caption][start:start + min(width, n - len(picked))]
+    taken[caption] += len(chosen)
+    picked += chosen
+  return np.asarray(picked, np.int64)
+
+
 def _digits_data(data_config):
   """The digits' own data config (same data dir): the images and labels behind the captions."""
   cfg = data_config.copy_and_resolve_references()
@@ -150,7 +182,11 @@ class CaptionEvaluator(ev_embedded.Evaluator):
     return row, samples
 
   def save_grid(self, samples, path: str) -> None:
-    self.chain.source.save_grid(samples, path, asks=self.asks[:len(samples)])
+    """len(samples) of the last measured samples, rows of one caption spread over the words
+    (spread_rows); `samples` is the head of those that the driver passes."""
+    pool = self.last_samples if self.last_samples is not None else samples
+    rows = spread_rows(self.asks[:len(pool)], len(samples))
+    self.chain.source.save_grid(np.asarray(pool)[rows], path, asks=self.asks[rows])
 
   def describe(self) -> dict:
     real = caption_agreement(self.chain.source.x, np.concatenate(
