@@ -4,5 +4,6 @@
                     complex human instruction, 300-token right padding, BOS + last 299 positions
   clip_prompts.py   CLIP's 77-token ids (start, BPE tokens truncated to 75, end, zeros) for the
                     CLIP score (models/clip.py)
-Both read the tokenizer.json published with the weights through the `tokenizers` package.
+Both read the tokenizer.json published with the weights through the `tokenizers` package
+(tokenizer_file.py).
 """

@@ -23,14 +23,14 @@ and the file's own post-processor is not relied on.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 
+from hierdistill.text import tokenizer_file
+
 MAX_SEQUENCE_LENGTH = 300  # SanaPipeline's max_sequence_length
 BOS_TOKEN, PAD_TOKEN = "<bos>", "<pad>"  # Gemma's special tokens (ids 2 and 0 in its vocab)
-TOKENIZER_FILE = "tokenizer.json"
 WHERE_PUBLISHED = ("Efficient-Large-Model/gemma-2-2b-it or google/gemma-2-2b-it on the Hugging "
                    "Face Hub (tokenizer.json beside the weights)")
 
@@ -59,24 +59,11 @@ COMPLEX_HUMAN_INSTRUCTION: Tuple[str, ...] = (
 
 def load_tokenizer(path: str) -> Any:
   """A `tokenizers.Tokenizer` from a tokenizer.json file or a folder holding one."""
-  try:
-    import tokenizers  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise ImportError("reading tokenizer.json needs the `tokenizers` package: "
-                      "pip install -e . (it is in install_requires)") from None
-  file = os.path.join(path, TOKENIZER_FILE) if os.path.isdir(path) else path
-  if not os.path.isfile(file):
-    raise FileNotFoundError(f"{file}: no such tokenizer file; expected the {TOKENIZER_FILE} of "
-                            f"{WHERE_PUBLISHED}")
-  return tokenizers.Tokenizer.from_file(file)
+  return tokenizer_file.load_tokenizer(path, WHERE_PUBLISHED)
 
 
 def _token_id(tokenizer: Any, token: str) -> int:
-  token_id = tokenizer.token_to_id(token)
-  if token_id is None:
-    raise ValueError(f"the tokenizer has no {token!r} token; expected the Gemma tokenizer of "
-                     f"{WHERE_PUBLISHED}")
-  return token_id
+  return tokenizer_file.token_id(tokenizer, token, f"the Gemma tokenizer of {WHERE_PUBLISHED}")
 
 
 def _encode(tokenizer: Any, text: str, bos: int) -> list:
