@@ -131,20 +131,27 @@ def save_captioned_grid(images, captions, path: str, max_columns: int = 12) -> n
       rows[-1] = (rows[-1][0], i + 1, text)
     else:
       rows.append((i, i + 1, text))
-  font = ImageFont.load_default()
-  line = 14  # pixels of caption under each row
   upscale = max(1, math.ceil(32 / max(images.shape[1:3])))
   tiles = [image_grid(images[a:b], nrow=b - a, upscale=upscale) for a, b, _ in rows]
-  width = max([t.shape[1] for t in tiles] + [int(font.getlength(text)) + 8 for *_, text in rows])
+  return save_tile_rows(tiles, [text for *_, text in rows], path)
+
+
+def save_tile_rows(tiles, captions, path: str) -> np.ndarray:
+  """uint8 tiles (image_grid's, grey or RGB) stacked top to bottom, captions[i] printed under
+  tiles[i] with Pillow's built-in bitmap font (no font file needed), written as PNG. Returns the
+  RGB uint8 array written."""
+  font = ImageFont.load_default()
+  line = 14  # pixels of caption under each row
+  width = max([t.shape[1] for t in tiles] + [int(font.getlength(text)) + 8 for text in captions])
   canvas = Image.new("RGB", (width, sum(t.shape[0] + line for t in tiles)), "white")
   draw = ImageDraw.Draw(canvas)
   y = 0
-  for tile, (*_, text) in zip(tiles, rows):
+  for tile, text in zip(tiles, captions):
     rgb = tile if tile.shape[-1] == 3 else np.repeat(tile[..., :1], 3, axis=-1)
     canvas.paste(Image.fromarray(rgb), (0, y))
     y += tile.shape[0]
     draw.text((4, y + 1), text, fill="black", font=font)
     y += line
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  canvas.save(path, format="PNG")
+  canvas.save(path, format="PNG")  # never JPEG (PITFALLS.md)
   return np.asarray(canvas)

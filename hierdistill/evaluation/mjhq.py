@@ -290,27 +290,15 @@ class MJHQScorer:
 
 
 def save_rows(images: np.ndarray, captions: Sequence[str], path: str, columns: int) -> None:
-  """Images in [-1, 1] in rows of `columns`, each row's caption printed under it (Pillow's
-  built-in font: no font file needed); captions: one a row."""
-  from PIL import Image, ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
+  """Images in [-1, 1] in rows of `columns`, each row's caption printed under it
+  (grids.save_tile_rows); captions: one a row."""
   images = np.asarray(images)
   rows = -(-len(images) // columns)
   if len(captions) < rows:
     raise ValueError(f"{rows} rows need {rows} captions; got {len(captions)}")
-  font, line = ImageFont.load_default(), 14
   tiles = [grids.image_grid(images[r * columns:(r + 1) * columns], nrow=columns)
            for r in range(rows)]
-  width = max([t.shape[1] for t in tiles] +
-              [int(font.getlength(text)) + 8 for text in captions[:rows]])
-  canvas = Image.new("RGB", (width, sum(t.shape[0] + line for t in tiles)), "white")
-  draw, y = ImageDraw.Draw(canvas), 0
-  for tile, text in zip(tiles, captions):
-    canvas.paste(Image.fromarray(tile[..., :3]), (0, y))
-    y += tile.shape[0]
-    draw.text((4, y + 1), text, fill="black", font=font)
-    y += line
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  canvas.save(path)  # PNG, never JPEG (PITFALLS.md)
+  grids.save_tile_rows(tiles, list(captions[:rows]), path)
 
 
 def save_prompt_grid(images: np.ndarray, prompts: Sequence[Prompt], path: str,
