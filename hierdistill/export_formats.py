@@ -121,10 +121,13 @@ def state_dict(fmt: str, model, params) -> Dict[str, np.ndarray]:
 def write(gen, out_dir: str, fmt: str, *, run_config, name: str, num_steps: int = 1) -> dict:
   """gen's student in format fmt (not 'hierdistill': export.py) into out_dir; returns the
   export's description. name: the directory's final name, for the card's snippet."""
+  import jax  # pylint: disable=g-import-not-at-top
   check_request(gen, fmt, num_steps)
   if fmt == "diffusers":
     from hierdistill import export_diffusers  # pylint: disable=g-import-not-at-top
-    return export_diffusers.write(gen, out_dir, run_config=run_config, name=name)
+    model, params = fold_interval(gen.model, jax.device_get(gen.params))
+    return export_diffusers.write(gen, out_dir, model, params, run_config=run_config,
+                                  name=name)
   return write_checkpoint(gen, out_dir, fmt, run_config=run_config, name=name)
 
 

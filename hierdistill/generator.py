@@ -205,8 +205,10 @@ class Generator:
                                                 c, num_steps=num_steps)
       if decoder is not None:  # the model's latents -> the VAE's -> pixels
         from hierdistill.models import vae  # pylint: disable=g-import-not-at-top
-        x = decoder.apply({"params": decoder_params}, vae.unscale_latents(decoder, x),
-                          method=vae.AutoencoderKL.decode)
+        # DC-AE (SANA) has a scaling factor only; SD-VAE and VA-VAE their latent affine.
+        z = (vae.unscale_latents(decoder, x) if hasattr(decoder, "latent_mean")
+             else x / decoder.scaling_factor)
+        x = decoder.apply({"params": decoder_params}, z, method=type(decoder).decode)
       return jnp.clip(x, -1.0, 1.0) if images_like or decoder is not None else x
 
     rep = shard_lib.replicated(self.mesh)
@@ -277,11 +279,15 @@ def _imported_teacher(config, teacher, abstract, shardings):
 
 
 def _vae_of(config):
-  """(AutoencoderKL, params) of a latent run (its config has a `vae` block), else None."""
+  """(VAE, params) of a latent run (its config has a `vae` block: AutoencoderKL, or DC-AE for
+  SANA), else None."""
   if "vae" not in config:
     return None
   from hierdistill.convert import from_config  # pylint: disable=g-import-not-at-top
   try:
+    if config.model.get("name") == "sana":  # SANA's autoencoder is DC-AE, its source's loader
+      from hierdistill.sources import mjhq  # pylint: disable=g-import-not-at-top
+      return mjhq.load_dcae(config, int(config.get("seed", 0)))
     return from_config.load_vae(config)
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(f"the run's VAE does not load ({str(e).splitlines()[0]}).") from None

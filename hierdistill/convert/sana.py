@@ -384,3 +384,52 @@ def load_sana(path: str, *, config_key: str = "config.model.checkpoint",
                        f"no published SANA size: pass overrides={{'{name}': ...}}")
   model = SanaTransformer(**fields)
   return model, import_sana(state_dict, model, layout=layout, path=source, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The other way: our params as a diffusers transformer folder.
+
+_TO_TORCH = {"dense": lambda v: v.T, "conv1x1": lambda v: v.T.reshape(v.shape[1], v.shape[0], 1, 1),
+             "conv": lambda v: v.transpose(3, 2, 0, 1), "same": lambda v: v}
+
+
+def to_diffusers(params: Mapping[str, Any], model) -> Dict[str, np.ndarray]:
+  """{diffusers key: float32 array} of a teacher model's params (import_sana run backwards)."""
+  flat = traverse_util.flatten_dict(params.unfreeze() if hasattr(params, "unfreeze")
+                                    else dict(params))
+  return {key: np.ascontiguousarray(_TO_TORCH[how](np.asarray(flat[path], np.float32)))
+          for key, (path, how, _) in diffusers_layout(model).items()}
+
+
+def diffusers_config(model, *, sample_size: Optional[int] = None) -> Dict[str, Any]:
+  """SanaTransformer2DModel's config.json for a teacher model. timestep_scale carries our
+  time_scale: the pipeline passes 1000 sigma times it, and the model embeds time_scale t."""
+  heads, cross = int(model.num_heads), int(model.cross_num_heads)
+  config = {"_class_name": "SanaTransformer2DModel", "in_channels": model.in_channels,
+            "out_channels": model.in_channels, "patch_size": model.patch_size,
+            "num_layers": model.depth, "num_attention_heads": heads,
+            "attention_head_dim": model.hidden_size // heads,
+            "num_cross_attention_heads": cross,
+            "cross_attention_head_dim": model.hidden_size // cross,
+            "cross_attention_dim": model.hidden_size, "mlp_ratio": model.mlp_ratio,
+            "caption_channels": model.caption_channels, "attention_bias": False,
+            "norm_elementwise_affine": False, "norm_eps": 1e-6,
+            "qk_norm": "rms_norm_across_heads" if model.qk_norm else None,
+            "timestep_scale": float(model.time_scale) / 1000.0}
+  if sample_size is not None:  # the latent size the pipeline draws by default
+    config["sample_size"] = int(sample_size)
+  return config
+
+
+def write_diffusers(folder: str, model, params: Mapping[str, Any], *,
+                    sample_size: Optional[int] = None) -> str:
+  """A teacher model's params as a diffusers transformer folder (config.json and
+  diffusion_pytorch_model.safetensors); returns the weights file's path."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(diffusers_config(model, sample_size=sample_size), f, indent=2)
+  path = os.path.join(folder, WEIGHT_FILES[0])
+  save_file(to_diffusers(params, model), path + ".tmp")
+  os.replace(path + ".tmp", path)  # a reader never sees half a file
+  return path

@@ -108,33 +108,8 @@ def make(root: str, *, num_pairs: int, image_size: int, mjhq_per_category: int,
 def write_sana_folder(folder: str, model, params: Dict[str, Any]) -> str:
   """`params` of a SanaTransformer teacher as a diffusers transformer folder (config.json and
   diffusion_pytorch_model.safetensors, torch layouts); returns the weights file's path."""
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   from hierdistill.convert import sana as convert_sana  # pylint: disable=g-import-not-at-top
-  flat = traverse_util.flatten_dict(params)
-  to_torch = {"dense": lambda v: v.T,
-              "conv1x1": lambda v: v.T.reshape(v.shape[1], v.shape[0], 1, 1),
-              "conv": lambda v: v.transpose(3, 2, 0, 1), "same": lambda v: v}
-  state = {key: np.ascontiguousarray(to_torch[how](np.asarray(flat[path], np.float32)))
-           for key, (path, how, _) in convert_sana.diffusers_layout(model).items()}
-  heads, cross = int(model.num_heads), int(model.cross_num_heads)
-  config = {"_class_name": "SanaTransformer2DModel", "in_channels": model.in_channels,
-            "out_channels": model.in_channels, "patch_size": model.patch_size,
-            "num_layers": model.depth, "num_attention_heads": heads,
-            "attention_head_dim": model.hidden_size // heads,
-            "num_cross_attention_heads": cross,
-            "cross_attention_head_dim": model.hidden_size // cross,
-            "cross_attention_dim": model.hidden_size, "mlp_ratio": model.mlp_ratio,
-            "caption_channels": model.caption_channels, "attention_bias": False,
-            "norm_elementwise_affine": False, "norm_eps": 1e-6,
-            "qk_norm": "rms_norm_across_heads" if model.qk_norm else None}
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(config, f, indent=2)
-  path = os.path.join(folder, convert_sana.WEIGHT_FILES[0])
-  save_file(state, path + ".tmp")
-  os.replace(path + ".tmp", path)
-  return path
+  return convert_sana.write_diffusers(folder, model, params)
 
 
 def random_sana_teacher(model, seed: int = 0, scale: float = 0.05) -> Dict[str, Any]:
