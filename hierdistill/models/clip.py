@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from hierdistill.models.attention import softmax_attention
 from hierdistill.models.embeddings import Dense
 
 Array = jax.Array
@@ -86,11 +87,8 @@ class CLIPAttention(nn.Module):
     dense = lambda name: Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     q, k, v = (dense(name)(x).reshape(b, n, self.num_heads, hd)
                for name in ("q_proj", "k_proj", "v_proj"))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * hd ** -0.5
-    if causal:
-      logits = jnp.where(jnp.tril(jnp.ones((n, n), bool)), logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, n, d)
+    allowed = jnp.tril(jnp.ones((n, n), bool)) if causal else None
+    out = softmax_attention(q, k, v, scale=hd ** -0.5, allowed=allowed).reshape(b, n, d)
     return dense("out_proj")(out)
 
 

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from hierdistill.models.attention import softmax_attention
 from hierdistill.models.embeddings import Dense, accumulation_dtype
 
 Array = jax.Array
@@ -148,18 +149,12 @@ class Gemma2Attention(nn.Module):
     k = dense(kv * hd, "k_proj")(x).reshape(b, length, kv, hd)
     v = dense(kv * hd, "v_proj")(x).reshape(b, length, kv, hd)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    # Query head h = kv_head * group + g reads kv_head: transformers' repeat_kv order.
+    # Query head h = kv_head * group + g reads kv_head: transformers' repeat_kv order. A padded
+    # query whose whole window is padding gets a finite, ignored row (softmax_attention's floor).
     q = q.reshape(b, length, kv, group, hd)
-    logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-    logits = logits * self.query_pre_attn_scalar ** -0.5
-    if self.attn_logit_softcap is not None:
-      cap = self.attn_logit_softcap
-      logits = cap * jnp.tanh(logits / cap)
-    # A finite floor, not -inf: a padded query whose whole window is padding gets a uniform
-    # (finite, ignored) row instead of NaN.
-    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v).reshape(b, length, self.num_heads * hd)
+    out = softmax_attention(q, k, v, scale=self.query_pre_attn_scalar ** -0.5, allowed=allowed,
+                            softcap=self.attn_logit_softcap)
+    out = out.reshape(b, length, self.num_heads * hd)
     return dense(self.hidden_size, "o_proj")(out)
 
 
