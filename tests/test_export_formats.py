@@ -227,6 +227,20 @@ def test_sit_export_draws_the_same_one_step_images_in_sits_own_code(tmp_path):
   assert err < 1e-4
   np.testing.assert_allclose(gen(key, labels), np.clip(x, -1, 1), atol=1e-4)
 
+  # The reverse: the file is a teacher checkpoint of kind 'sit' (config.teacher.init_checkpoint),
+  # whose import is the folded student exactly.
+  import ml_collections
+  from hierdistill.convert import from_config
+  config = ml_collections.ConfigDict({"model": {"name": "dit"}, "teacher": {
+      "init_checkpoint": os.path.join(out, "model.pt"), "checkpoint_kind": "sit"}})
+  teacher, folded = export_formats.fold_interval(gen.model, gen.params)
+  imported = from_config.load_teacher(config, teacher)
+  for path, value in jax.tree_util.tree_flatten_with_path(folded)[0]:
+    got = imported
+    for k in path:
+      got = got[k.key]
+    np.testing.assert_array_equal(got, np.asarray(value), err_msg=jax.tree_util.keystr(path))
+
 
 def test_lightningdit_export_reads_back_through_the_official_layout(tmp_path):
   from hierdistill.convert import lightningdit as convert_lightningdit

@@ -20,7 +20,8 @@ from hierdistill import pipeline
 from hierdistill.config_checks import ConfigError
 from hierdistill.convert import dit as convert_dit
 from hierdistill.convert import dit_layout
-from hierdistill.models.dit import DiT, init_student_from_teacher
+from hierdistill.models.dit import DiT
+from hierdistill.models.student import init_student_from_teacher
 from hierdistill.stages import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,6 +166,23 @@ def test_the_model_card_is_shareable(exported, run):
   assert source["experiment"] == run[1].name and source["step"] == run[1].distribution.num_steps
   assert len(source["config_sha256"]) == 12 and source["config_sha256"] in card
   assert f"experiment {run[1].name}" in card and f"step\n{source['step']}" in card
+
+
+@pytest.mark.torch
+def test_a_run_exports_for_the_official_code_in_one_step_only(run, tmp_path):
+  """export_run(fmt='dit'): the official checkpoint, its card naming the final directory; two
+  steps are refused before anything is written (tests/test_export_formats.py checks the
+  numbers)."""
+  pytest.importorskip("torch")
+  out = str(tmp_path / "digits_dit")
+  meta = generator.export_run(run[0], out, fmt="dit")
+  assert sorted(os.listdir(out)) == ["README.md", "export.json", "model.pt"]
+  card = open(os.path.join(out, "README.md")).read()
+  assert '"digits_dit/model.pt"' in card and "partial" not in card and run[0] not in card
+  assert meta["source"]["experiment"] == run[1].name
+  with pytest.raises(ConfigError, match=r"--num_steps=2: the student's interval embedding"):
+    generator.export_run(run[0], str(tmp_path / "two"), fmt="dit", num_steps=2)
+  assert not os.path.exists(tmp_path / "two")
 
 
 def test_exported_keys_are_the_published_layout_plus_the_interval_embedder(exported, gen):
