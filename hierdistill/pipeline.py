@@ -32,7 +32,7 @@ from hierdistill import sources
 from hierdistill import workdir as workdir_lib
 from hierdistill.config_checks import STAGE_ORDER, ConfigError, validate_config
 from hierdistill.evaluation import driver
-from hierdistill.models.dit import student_of
+from hierdistill.models.student import student_of
 from hierdistill.stages import loop
 from hierdistill.stages import progress as progress_lib
 from hierdistill.stages.distribution import DistributionStage
@@ -62,7 +62,7 @@ class Networks:
     except ValueError as e:
       raise ConfigError(str(e)) from None
     self.teacher = net.clone(interval_conditioning=False)
-    # A velocity model whatever the teacher predicts (models/dit.student_of).
+    # A velocity model whatever the teacher predicts (models/student.student_of).
     self.student = student_of(self.teacher)
 
   def abstract_params(self, shape, student: bool):

@@ -14,7 +14,7 @@ import pytest
 from hierdistill import sharding
 from hierdistill.convert import lightningdit as convert_ld
 from hierdistill.models import build, init_student_from_teacher
-from hierdistill.models.dit import student_of
+from hierdistill.models.student import student_of
 from hierdistill.models.lightningdit import LightningDiT
 from tests.torch_reference import training_files
 

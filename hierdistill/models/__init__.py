@@ -7,11 +7,12 @@ v(z, t | y)). Models know nothing of losses or training.
 from hierdistill.models.awd import TokenDiscriminatorHead, token_weight_entropy
 from hierdistill.models.clip import CLIP, CLIP_VIT_L14, clip_score, preprocess_images
 from hierdistill.models.dcae import DCAE_F32C32, AutoencoderDC
-from hierdistill.models.dit import DIT_SIZES, DiT, dit_config, init_student_from_teacher
+from hierdistill.models.dit import DIT_SIZES, DiT, dit_config
 from hierdistill.models.gemma2 import GEMMA2_2B, GEMMA2_SIZES, Gemma2Encoder
 from hierdistill.models.mlp import MLPFlow
 from hierdistill.models.registry import build, build_discriminator
 from hierdistill.models.sana import SANA_SIZES, SanaTransformer, sana_config
+from hierdistill.models.student import init_student_from_teacher, student_of
 
 __all__ = [
     "AutoencoderDC",
@@ -34,5 +35,6 @@ __all__ = [
     "init_student_from_teacher",
     "preprocess_images",
     "sana_config",
+    "student_of",
     "token_weight_entropy",
 ]
