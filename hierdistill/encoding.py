@@ -67,15 +67,11 @@ def extract(*, read_split, num_examples: int, out_dir: str, vae, vae_params, mes
         "scaling_factor_not_applied": vae.scaling_factor})
   encode = make_encode_fn(vae, mesh, flips)
   params = jax.device_put(vae_params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  written = skipped = 0
+  written = 0
+  todo, skipped = il.shards_to_write(out_dir, num_examples, num_shards, process_index,
+                                     process_count)
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
-  for k, (start, end) in enumerate(il.shard_ranges(num_examples, num_shards)):
-    if k % process_count != process_index:
-      continue
-    path = os.path.join(out_dir, il.shard_name("train", k, num_shards))
-    if os.path.exists(path):
-      skipped += 1
-      continue
+  for k, start, end, path in todo:
     writer = il.ShardWriter(path)
     examples = read_split(start, end)
     while True:

@@ -21,6 +21,7 @@ number of processes either.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import glob
 import json
@@ -259,6 +260,23 @@ def shard_ranges(num_examples: int, num_shards: int) -> List[tuple]:
   """[start, end) of each shard: contiguous, sizes differ by at most one."""
   return [(k * num_examples // num_shards, (k + 1) * num_examples // num_shards)
           for k in range(num_shards)]
+
+
+def shards_to_write(out_dir: str, num_examples: int, num_shards: int, process_index: int,
+                    process_count: int) -> tuple:
+  """([(k, start, end, path)] of the shards this process writes (k = process_index mod
+  process_count) and whose file does not exist yet, how many of its shards exist already):
+  an interrupted extraction resumes by shard, and processes never write the same file."""
+  todo, skipped = [], 0
+  for k, (start, end) in enumerate(shard_ranges(num_examples, num_shards)):
+    if k % process_count != process_index:
+      continue
+    path = os.path.join(out_dir, shard_name("train", k, num_shards))
+    if os.path.exists(path):
+      skipped += 1
+    else:
+      todo.append((k, start, end, path))
+  return todo, skipped
 
 
 def write_reference_batch(path: str, images: np.ndarray, labels: np.ndarray) -> None:

@@ -184,14 +184,10 @@ def write_shards(*, out_dir: str, num_examples: int, num_shards: int, batch_size
     il.write_info(out_dir, {**info, "format": NAME, "t2i_format_version": FORMAT_VERSION,
                             "num_examples": num_examples, "num_shards": num_shards,
                             "num_classes": 0})
-  written = skipped = 0
-  for k, (start, end) in enumerate(il.shard_ranges(num_examples, num_shards)):
-    if k % process_count != process_index:
-      continue
-    path = os.path.join(out_dir, il.shard_name("train", k, num_shards))
-    if os.path.exists(path):
-      skipped += 1
-      continue
+  written = 0
+  todo, skipped = il.shards_to_write(out_dir, num_examples, num_shards, process_index,
+                                     process_count)
+  for k, start, end, path in todo:
     writer = il.ShardWriter(path)
     for i in range(start, end, batch_size):
       for rec in make_batch(i, min(i + batch_size, end)):
