@@ -2,6 +2,7 @@
 student, random DC-AE, the mock's tiny Gemma-2 and word tokenizer) exported with
 --format=diffusers load in diffusers.SanaPipeline, whose images for given latents and prompts
 are the generator's; the folder is read back as a teacher / init_checkpoint (round trip)."""
+import json
 import os
 
 import jax
@@ -132,3 +133,34 @@ def test_missing_text_files_are_one_line(sana_student, tmp_path):
   with pytest.raises(ConfigError, match=r"config\.text_encoder\.tokenizer=.*no such file") as e:
     export_formats.write(gen, str(tmp_path), "diffusers", run_config=config, name="x")
   assert "\n" not in str(e.value) and os.listdir(tmp_path) == []  # refused before writing
+
+
+def test_a_run_with_published_folders_has_them_copied(sana_student, exported, tmp_path):
+  """The branch a real run takes: config.vae.path and config.text_encoder.path are diffusers /
+  transformers folders (here the first export's), copied as they are; the pipeline then draws
+  the same images as the first export's."""
+  config, gen, _ = sana_student
+  first, meta = exported
+  config = config.copy_and_resolve_references()
+  config.vae.update(random_init=False, path=os.path.join(first, "vae"))
+  config.text_encoder.update(random_init=False, path=os.path.join(first, "text_encoder"),
+                             tokenizer=os.path.join(first, "tokenizer", "tokenizer.json"))
+  out = str(tmp_path / "copied")
+  os.makedirs(out)
+  export_formats.write(gen, out, "diffusers", run_config=config, name="copied")
+  for part in ("vae", "text_encoder", "tokenizer"):
+    for name in os.listdir(os.path.join(first, part)):
+      assert open(os.path.join(out, part, name), "rb").read() == open(
+          os.path.join(first, part, name), "rb").read(), (part, name)
+  index = json.load(open(os.path.join(out, "model_index.json")))
+  assert index["tokenizer"] == ["transformers", "PreTrainedTokenizerFast"]
+  h, w, c = gen.shape
+  e = torch.randn(1, c, h, w)
+  with torch.no_grad():
+    a, b = (diffusers.SanaPipeline.from_pretrained(f)(PROMPTS[:1], latents=e, output_type="np",
+                                                      **meta["call"]).images
+            for f in (first, out))
+  np.testing.assert_array_equal(a, b)
+  config.vae.path = str(tmp_path / "nowhere")
+  with pytest.raises(ConfigError, match=r"config\.vae\.path=.*is not a folder with config\.json"):
+    export_formats.write(gen, str(tmp_path / "x"), "diffusers", run_config=config, name="x")
