@@ -300,15 +300,19 @@ def main(argv=None):
     state2 = jax.jit(lambda r, i: stage2.init(r, ex_x, ex_y, i))(
         k_init, {"generator": student_params, "teacher": teacher_params})
     batch2 = {"x": x, "c": y}
+    critic_draws = stage2.critic_draws(key, x[:, 0])
     critic = Timed(jax.value_and_grad(stage2.critic_loss, has_aux=True),
                    (state2.fake_params, state2.disc_params), state2.params, teacher_params,
-                   x[:, 0], y[:, 0], key)
+                   x[:, 0], y[:, 0], critic_draws)
     t_critic, _ = critic.median((state2.fake_params, state2.disc_params), state2.params,
-                                teacher_params, x[:, 0], y[:, 0], key, iters=args.iters)
+                                teacher_params, x[:, 0], y[:, 0], critic_draws,
+                                iters=args.iters)
+    gen_draws = stage2.generator_draws(key, x[:, k])
     gen = Timed(jax.value_and_grad(stage2.generator_loss, has_aux=True), state2.params,
-                (state2.fake_params, state2.disc_params), teacher_params, x[:, k], y[:, k], key)
+                (state2.fake_params, state2.disc_params), teacher_params, x[:, k], y[:, k],
+                gen_draws)
     t_gen, _ = gen.median(state2.params, (state2.fake_params, state2.disc_params),
-                          teacher_params, x[:, k], y[:, k], key, iters=args.iters)
+                          teacher_params, x[:, k], y[:, k], gen_draws, iters=args.iters)
     s2 = Timed(stage2.train_step, state2, frozen, batch2, donate=True)
     t_s2, _ = s2.median(state2, frozen, batch2, iters=args.iters)
     del state2

@@ -13,7 +13,12 @@ def optimizer(lr: float, *, warmup_steps: int = 0, b1: float = 0.9, b2: float = 
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every key a run reads, with defaults; experiments change values, never add keys."""
+  """Every key a run reads, with defaults; experiments change values, never add keys.
+
+  microbatches (each stage): the step's batch_size rows are processed this many at a time and
+  their gradients summed before the one update (gradient accumulation): memory for time, the
+  same update (stages/common.accumulate_gradients).
+  """
   c = ml_collections.ConfigDict()
   c.name = "base"
   c.seed = 0
@@ -30,6 +35,11 @@ def base_config() -> ml_collections.ConfigDict:
   # profile_all_processes.
   c.profile = ()
   c.profile_all_processes = False
+  # The frozen teacher of stages 1 and 2 (the target's and the real score's network) held in
+  # this dtype: 'bfloat16' halves its memory; a bfloat16-compute model reads the same values
+  # (its matmuls cast the weights to bfloat16 anyway), a float32 one reads rounded weights.
+  # The students and the fake network start from the full-precision teacher either way.
+  c.frozen_param_dtype = "float32"
 
   c.data = ml_collections.ConfigDict(dict(
       name="digits8x8",  # a data source of hierdistill/sources (e.g. 'digits8x8_text')
@@ -51,7 +61,10 @@ def base_config() -> ml_collections.ConfigDict:
       name="dit", input_size=8, in_channels=1, patch_size=2,
       hidden_size=64, depth=4, num_heads=4, mlp_ratio=4.0, num_classes=10,
       class_dropout_prob=0.1, feature_layers=(1, 3), dtype="float32", param_dtype="float32",
-      time_scale=1.0, interval_scale=1.0, remat=False,
+      time_scale=1.0, interval_scale=1.0,
+      # remat: recompute each block in the backward pass; remat_policy: what it keeps
+      # (models/remat.py; jax.checkpoint_policies names). Memory and time only.
+      remat=False, remat_policy="nothing_saveable",
       # > 0: a text model reading caption tokens of this width by cross-attention
       # (experiments/digits_text.py); 0: class labels.
       caption_channels=0))
@@ -60,14 +73,14 @@ def base_config() -> ml_collections.ConfigDict:
   # teacher params (e.g. <run>/teacher/checkpoints/<step>/export) to distil instead of training
   # one here; '' = this run's teacher stage.
   c.teacher = ml_collections.ConfigDict(dict(
-      num_steps=2000, batch_size=64, log_every=200, checkpoint_every=500, keep=2,
-      ema_decay=0.999, t_mu=0.0, t_sigma=1.0, optimizer=optimizer(1e-3, warmup_steps=200),
+      num_steps=2000, batch_size=64, microbatches=1, log_every=200, checkpoint_every=500,
+      keep=2, ema_decay=0.999, t_mu=0.0, t_sigma=1.0, optimizer=optimizer(1e-3, warmup_steps=200),
       init_checkpoint=""))
 
   # Stage 1: MeanFlow trajectory distillation (METHOD.md).
   c.trajectory = ml_collections.ConfigDict(dict(
-      num_steps=1000, batch_size=64, log_every=100, checkpoint_every=500, keep=2,
-      ema_decay=0.999,
+      num_steps=1000, batch_size=64, microbatches=1, log_every=100, checkpoint_every=500,
+      keep=2, ema_decay=0.999,
       rt_mu=-0.4, rt_sigma=1.0,  # [MeanFlow] logit-normal(-0.4, 1.0) for (r, t)
       equal_fraction=0.75,  # [MeanFlow] share of samples with r = t
       adaptive_p=1.0, adaptive_eps=1e-3,  # [MeanFlow] adaptive loss weight
@@ -77,8 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Stage 2: DMD + adversarial term with the AWD (METHOD.md).
   c.distribution = ml_collections.ConfigDict(dict(
-      num_steps=400, batch_size=64, log_every=50, checkpoint_every=200, keep=2,
-      ema_decay=0.99,
+      num_steps=400, batch_size=64, microbatches=1, log_every=50, checkpoint_every=200,
+      keep=2, ema_decay=0.99,
       init_from="trajectory",  # 'teacher' = DMD only (ablation: no stage 1)
       update_ratio=2,  # k critic updates per generator update ([DMD2]: 5 on ImageNet)
       dmd_weight=1.0,

@@ -74,7 +74,7 @@ def get_config(arg=None):
       interval_scale=1000.0,
       feature_layers=(13, 20, 27),  # blocks the discriminator reads [ours]
       dtype="bfloat16", param_dtype="float32",
-      remat=True,  # three XL networks in stage 2 [ours]
+      remat=True, remat_policy="nothing_saveable",  # three XL networks in stage 2 [ours]
       attention="einsum"))  # JVP-safe (METHOD.md, PITFALLS.md)
 
   c.teacher.update(

@@ -88,6 +88,7 @@ def get_config(arg=None):
       time_scale=1000.0,  # [SANA] timesteps 1000 sigma
       interval_scale=1000.0,  # the student's interval embedder reads 1000 (t - r) [ours]
       dtype="bfloat16", param_dtype="float32", remat=True,  # [ours]
+      remat_policy="nothing_saveable",  # models/remat.py [ours]
       **SIZES[size]))
 
   c.teacher.update(init_checkpoint="")  # a published SANA file (above)

@@ -13,6 +13,8 @@ TRAINING_STAGES = ("teacher", "trajectory", "distribution")
 DISCRIMINATOR_POOLINGS = ("awd", "mean")
 FEATURE_SOURCES = ("fake", "teacher")
 INIT_SOURCES = ("trajectory", "teacher")
+# Storage dtypes of the frozen teacher (the real score) in stages 1 and 2.
+FROZEN_DTYPES = ("float32", "bfloat16")
 EXIT_CODE = 2  # the conventional exit status of a command-line usage error
 
 
@@ -49,6 +51,10 @@ def validate_config(config) -> None:
       _check_int(cfg[key], f"{s}.{key}")
     if cfg.get("keep") is not None:
       _check_int(cfg.keep, f"{s}.keep")
+    _check_int(cfg.get("microbatches", 1), f"{s}.microbatches")
+    if cfg.batch_size % cfg.get("microbatches", 1):
+      raise ConfigError(f"config.{s}.batch_size={cfg.batch_size} is not divisible by "
+                        f"config.{s}.microbatches={cfg.microbatches}; use a divisor of the batch.")
   _check_int(config.get("max_consecutive_nonfinite", 20), "max_consecutive_nonfinite")
   profile = tuple(config.get("profile", ()) or ())
   if profile and (len(profile) != 2 or not all(isinstance(v, int) for v in profile)
@@ -56,6 +62,9 @@ def validate_config(config) -> None:
     raise ConfigError(f"config.profile={profile!r}: give (start_step, num_steps) with "
                       "start_step >= 0 and num_steps >= 1, e.g. --config.profile='(10, 5)', "
                       "or () for no trace.")
+  frozen_dtype = config.get("frozen_param_dtype", "float32")
+  if frozen_dtype not in FROZEN_DTYPES:
+    raise ConfigError(f"config.frozen_param_dtype={frozen_dtype!r}; choose from {FROZEN_DTYPES}.")
   for rule in config.get("sharding_rules", ()):
     if len(rule) != 2 or rule[1] not in ("fsdp", "replicate"):
       raise ConfigError(f"config.sharding_rules: {tuple(rule)!r} is not (regex, 'fsdp' | "
@@ -114,6 +123,11 @@ def check_batch_sizes(config, num_devices: int, num_processes: int = 1) -> None:
     if b % num_devices:
       raise ConfigError(f"config.{key}={b} is not divisible by the {num_devices} devices of the "
                         f"mesh; use a multiple of {num_devices}.")
+    m = int(config[block].get("microbatches", 1))
+    if (b // m) % num_devices:  # each micro-batch is split over every device
+      raise ConfigError(f"config.{block}.microbatches={m}: micro-batches of {b // m} do not "
+                        f"split over the {num_devices} devices; make batch_size / microbatches "
+                        f"a multiple of {num_devices}.")
     if b % num_processes:
       raise ConfigError(f"config.{key}={b} is not divisible by the {num_processes} processes; "
                         f"use a multiple of {num_processes}.")

@@ -33,6 +33,7 @@ from hierdistill import workdir as workdir_lib
 from hierdistill.config_checks import STAGE_ORDER, ConfigError, validate_config
 from hierdistill.evaluation import driver
 from hierdistill.models.student import student_of
+from hierdistill.stages import common
 from hierdistill.stages import loop
 from hierdistill.stages import progress as progress_lib
 from hierdistill.stages.distribution import DistributionStage
@@ -125,6 +126,7 @@ class Chain:
     workdir_lib.write_config(config, workdir)
     self.writer = writer or _make_writer(workdir)
     self._teacher = None
+    self._frozen_teacher = None  # (the teacher_params it was cast from, the cast copy)
 
   def _check_inputs(self, ignore_workdir: bool) -> None:
     """Each stage to run finds its inputs, and they fit the model (read from metadata only).
@@ -207,6 +209,18 @@ class Chain:
                        else self.load_export("teacher"))
     return self._teacher
 
+  @property
+  def frozen_teacher(self):
+    """The teacher as stages 1 and 2 read it, frozen: in config.frozen_param_dtype (the
+    handoffs start the students and the fake network from teacher_params, full precision)."""
+    dtype = self.config.get("frozen_param_dtype", "float32")
+    if dtype == "float32":  # as stored: no copy
+      return self.teacher_params
+    if self._frozen_teacher is None or self._frozen_teacher[0] is not self.teacher_params:
+      cast = jax.jit(lambda p: common.frozen_copy(p, dtype))
+      self._frozen_teacher = (self.teacher_params, cast(self.teacher_params))
+    return self._frozen_teacher[1]
+
   def _import_teacher(self):
     """config.teacher.init_checkpoint, a published SiT/DiT file, as the teacher's params in
     the model's dtypes, placed with the current mesh's shardings."""
@@ -255,7 +269,7 @@ class Chain:
     rows = getattr(stage, "examples_per_row", 1)
     data = self.source.make_pipeline(cfg.batch_size * rows,
                                      self.config.seed * 1000 + stage.stage_id)
-    frozen = {} if name == "teacher" else {"teacher": self.teacher_params}
+    frozen = {} if name == "teacher" else {"teacher": self.frozen_teacher}
     result = loop.run_stage(
         stage, config=self.config, workdir=self.workdir, mesh=self.mesh, pipeline=data,
         frozen=frozen, init_inputs=lambda abstract: self.handoff(name, abstract),

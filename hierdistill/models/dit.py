@@ -42,6 +42,7 @@ from hierdistill import sharding
 from hierdistill.models import ddpm
 from hierdistill.models.embeddings import (Dense, LabelEmbedder, TimestepEmbedder,
                                           accumulation_dtype, interval_of, to_float)
+from hierdistill.models.remat import remat_policy
 
 Array = jax.Array
 Dtype = Any
@@ -285,6 +286,7 @@ class DiT(nn.Module):
     feature_layers: block indices (negative counts from the end) whose outputs
       return_features=True returns; None = every block.
     remat: rematerialise each block in the backward pass (memory for compute).
+    remat_policy: what a rematerialised block keeps (models/remat.py).
     attention: 'einsum' (default, JVP-safe), 'xla' or 'auto' (see Attention).
     dtype: compute dtype of the matmuls (e.g. jnp.bfloat16); param_dtype: storage dtype.
     time_scale, time_flip: how t reaches the time embedder (see `time_embedding_input`).
@@ -311,6 +313,7 @@ class DiT(nn.Module):
   interval_conditioning: bool = False
   feature_layers: Optional[Tuple[int, ...]] = None
   remat: bool = False
+  remat_policy: str = "nothing_saveable"
   attention: str = "einsum"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -439,7 +442,8 @@ class DiT(nn.Module):
     x = sharding.constrain_batch(x.reshape(z.shape[0], g * g, d).astype(acc))
     x = x + jnp.asarray(sincos_pos_embed_2d(d, g), acc)[None]
 
-    block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+    block_cls = (nn.remat(DiTBlock, policy=remat_policy(self.remat_policy))
+                 if self.remat else DiTBlock)
     wanted = self.resolved_feature_layers() if return_features else ()
     outputs = []  # every block output is computed anyway; keeping references costs nothing
     for i in range(self.depth):

@@ -38,6 +38,7 @@ from hierdistill import sharding
 from hierdistill.models.dit import (_XAVIER, _ZEROS, _PATCH_INIT, DiT, _modulate,
                                     sincos_pos_embed_2d, unpatchify)
 from hierdistill.models.embeddings import Dense, accumulation_dtype, to_float
+from hierdistill.models.remat import remat_policy
 
 Array = jax.Array
 Dtype = Any
@@ -247,7 +248,8 @@ class LightningDiT(DiT):
     if self.use_rope:
       cos, sin = (jnp.asarray(a) for a in rope_tables(d // self.num_heads, g, self.rope_theta))
 
-    block_cls = nn.remat(LightningDiTBlock) if self.remat else LightningDiTBlock
+    block_cls = (nn.remat(LightningDiTBlock, policy=remat_policy(self.remat_policy))
+                 if self.remat else LightningDiTBlock)
     wanted = self.resolved_feature_layers() if return_features else ()
     outputs = []
     for i in range(self.depth):

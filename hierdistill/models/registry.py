@@ -19,6 +19,7 @@ from hierdistill.models.awd import POOLINGS, TokenDiscriminatorHead
 from hierdistill.models.dit import DiT, dit_config
 from hierdistill.models.lightningdit import LightningDiT
 from hierdistill.models.mlp import MLPFlow
+from hierdistill.models.remat import remat_policy
 from hierdistill.models.sana import SanaTransformer
 
 MODELS = {"dit": DiT, "mlp": MLPFlow, "sana": SanaTransformer, "lightningdit": LightningDiT}
@@ -87,6 +88,8 @@ def build(config: Any, *, ignore: Sequence[str] = ()) -> nn.Module:
     kwargs.update(explicit)
   else:
     kwargs = _kwargs(cls, config, f"model ({name!r})", also_valid=("name",))
+  if "remat_policy" in kwargs:
+    remat_policy(kwargs["remat_policy"])  # an unknown name fails here, before anything traces
   return cls(**kwargs)
 
 

@@ -42,6 +42,7 @@ from flax import linen as nn
 from hierdistill import sharding
 from hierdistill.models.embeddings import (Dense, TimestepEmbedder, accumulation_dtype,
                                           interval_of, to_float)
+from hierdistill.models.remat import remat_policy
 
 Array = jax.Array
 Dtype = Any
@@ -281,6 +282,7 @@ class SanaTransformer(nn.Module):
     feature_layers: block indices (negative counts from the end) whose outputs
       return_features=True returns; None = every block.
     remat: rematerialise each block in the backward pass (memory for compute).
+    remat_policy: what a rematerialised block keeps (models/remat.py).
     dtype: compute dtype of the matmuls (e.g. jnp.bfloat16); param_dtype: storage dtype.
     time_scale: the time embedder reads time_scale * t (SANA: 1000 * sigma).
     interval_scale: the interval embedder reads interval_scale * (t - r).
@@ -298,6 +300,7 @@ class SanaTransformer(nn.Module):
   interval_conditioning: bool = False
   feature_layers: Optional[Tuple[int, ...]] = None
   remat: bool = False
+  remat_policy: str = "nothing_saveable"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   time_scale: float = 1000.0
@@ -385,7 +388,8 @@ class SanaTransformer(nn.Module):
     cap = cap.astype(self.dtype or acc)
     bias = jnp.where(mask.astype(bool), 0.0, MASK_BIAS).astype(acc)
 
-    block_cls = nn.remat(SanaBlock) if self.remat else SanaBlock
+    block_cls = (nn.remat(SanaBlock, policy=remat_policy(self.remat_policy))
+                 if self.remat else SanaBlock)
     wanted = self.resolved_feature_layers() if return_features else ()
     outputs = []
     for i in range(self.depth):

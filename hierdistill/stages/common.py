@@ -31,6 +31,24 @@ def dtype_of(name: str):
   return dtypes[name]
 
 
+def frozen_copy(params, dtype_name: str):
+  """A frozen network's params as the steps read them: floating leaves in config
+  frozen_param_dtype ('float32': as stored, unchanged). Works on arrays and on abstract
+  ShapeDtypeStructs alike (the planner's shapes)."""
+  if dtype_name == "float32":
+    return params
+  dtype = dtype_of(dtype_name)
+
+  def one(a):
+    if not jnp.issubdtype(a.dtype, jnp.floating) or a.dtype == dtype:
+      return a
+    if isinstance(a, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(a.shape, dtype, sharding=a.sharding)
+    return a.astype(dtype)
+
+  return jax.tree.map(one, params)
+
+
 def make_optimizer(cfg) -> optax.GradientTransformation:
   """AdamW with linear warm-up to a constant rate and global-norm gradient clipping.
 
@@ -90,6 +108,41 @@ def apply_gradients(optimizer: optax.GradientTransformation, state, loss: Array,
                  skipped=1 - finite.astype(jnp.int32))
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                        ema_params=ema), metrics
+
+
+def accumulate_gradients(loss_fn: Callable, params, rows, microbatches: int):
+  """((loss, metrics), grads) of loss_fn(params, rows) over all rows, `microbatches` slices of
+  them at a time (gradient accumulation): the memory of one slice, the same update.
+
+  loss_fn(params, rows, i) -> (loss, metrics): a mean over the rows it is given (i: the slice's
+  index, 0 when there is one slice). rows: a pytree whose leaves all lead with the batch axis
+  B: the data and every random draw of the step, drawn for the whole batch beforehand, so that
+  each row meets the same noise however the batch is sliced. Slice i takes rows i, i + m,
+  i + 2m, ... (m = microbatches): each device holds a contiguous block of the batch, so every
+  slice is spread over all devices and no row moves. The loss, gradients and metrics are the
+  means over slices: the whole batch's mean losses and gradients, to float rounding
+  (per-bucket metrics become means of slice means).
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if microbatches == 1:
+    return grad_fn(params, rows, 0)
+
+  def slices(a):
+    b = a.shape[0]
+    return jnp.swapaxes(a.reshape((b // microbatches, microbatches) + a.shape[1:]), 0, 1)
+
+  def add_slice(grad_sum, slice_i):
+    i, rows_i = slice_i
+    (loss, metrics), grads = grad_fn(params, rows_i, i)
+    grad_sum = jax.tree.map(lambda s, g: s + g.astype(s.dtype), grad_sum, grads)
+    return grad_sum, (loss, metrics)
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)),
+                       params)
+  grad_sum, (losses, metrics) = jax.lax.scan(
+      add_slice, zeros, (jnp.arange(microbatches), jax.tree.map(slices, rows)))
+  grads = jax.tree.map(lambda s, p: (s / microbatches).astype(p.dtype), grad_sum, params)
+  return (jnp.mean(losses), jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)), grads
 
 
 def is_finite(loss: Array, grads) -> Array:

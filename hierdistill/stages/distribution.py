@@ -95,20 +95,31 @@ class DistributionStage:
         disc_params=disc_params, disc_opt_state=self.disc_optimizer.init(disc_params))
 
   # -- losses ---------------------------------------------------------------------------------
-  def critic_loss(self, critic_params, gen_params, teacher_params, x, c, key):
+  # Each loss reads its random draws from a dict made for the whole batch beforehand (the
+  # *_draws methods), so that gradient accumulation slices draws and data alike.
+  def critic_draws(self, key, x):
+    k_e, k_t, k_fm, k_td, k_dr, k_df = jax.random.split(key, 6)
+    draws = {"e": jax.random.normal(k_e, x.shape),
+             "t": paths.sample_t(k_t, x.shape[0], mu=self.cfg.fake_t_mu,
+                                 sigma=self.cfg.fake_t_sigma),
+             "fm_noise": jax.random.normal(k_fm, x.shape)}
+    if self.adversarial:
+      draws.update(t_d=self._disc_t(k_td, x.shape[0]), real_noise=jax.random.normal(k_dr, x.shape),
+                   fake_noise=jax.random.normal(k_df, x.shape))
+    return draws
+
+  def critic_loss(self, critic_params, gen_params, teacher_params, x, c, draws):
     """Flow matching of v_phi on sg(G) samples, plus the discriminator's loss on real vs G."""
     fake_params, disc_params = critic_params
-    k_e, k_t, k_fm, k_td, k_dr, k_df = jax.random.split(key, 6)
-    g = jax.lax.stop_gradient(self.generate(gen_params, jax.random.normal(k_e, x.shape), c))
-    t = paths.sample_t(k_t, x.shape[0], mu=self.cfg.fake_t_mu, sigma=self.cfg.fake_t_sigma)
+    g = jax.lax.stop_gradient(self.generate(gen_params, draws["e"], c))
     v_phi = lambda z, t_: common.apply_model(self.fake, fake_params, z, None, t_, c)
-    fm_loss, metrics = losses.flow_matching_loss(v_phi, g, jax.random.normal(k_fm, x.shape), t)
+    fm_loss, metrics = losses.flow_matching_loss(v_phi, g, draws["fm_noise"], draws["t"])
     metrics = {"fake_" + k: v for k, v in metrics.items()}
     loss = fm_loss
     if self.adversarial:
-      t_d = self._disc_t(k_td, x.shape[0])
-      z_real = losses.interpolate(x, jax.random.normal(k_dr, x.shape), t_d)
-      z_fake = losses.interpolate(g, jax.random.normal(k_df, x.shape), t_d)
+      t_d = draws["t_d"]
+      z_real = losses.interpolate(x, draws["real_noise"], t_d)
+      z_fake = losses.interpolate(g, draws["fake_noise"], t_d)
       # One pass over real and fake rows, paired so each stays on its device (paths.pair_rows).
       logits, _ = self.discriminate(fake_params, teacher_params, disc_params,
                                     paths.pair_rows(z_real, z_fake), paths.pair_rows(t_d, t_d),
@@ -118,14 +129,26 @@ class DistributionStage:
       metrics.update(d_metrics)
     return loss, metrics
 
-  def generator_loss(self, params, critic_params, teacher_params, x, c, key):
-    """DMD + the AWD's non-saturating adversarial term + the optional MeanFlow regulariser."""
-    fake_params, disc_params = critic_params
+  def generator_draws(self, key, x):
     k_e, k_t, k_n, k_td, k_dn, k_reg = jax.random.split(key, 6)
     b = x.shape[0]
-    g = self.generate(params, jax.random.normal(k_e, x.shape), c)
-    t = jax.random.uniform(k_t, (b,), minval=self.cfg.dmd_t_min, maxval=self.cfg.dmd_t_max)
-    z_t = jax.lax.stop_gradient(losses.interpolate(g, jax.random.normal(k_n, x.shape), t))
+    draws = {"e": jax.random.normal(k_e, x.shape),
+             "t": jax.random.uniform(k_t, (b,), minval=self.cfg.dmd_t_min,
+                                     maxval=self.cfg.dmd_t_max),
+             "noise": jax.random.normal(k_n, x.shape)}
+    if self.adversarial:
+      draws.update(t_d=self._disc_t(k_td, b), disc_noise=jax.random.normal(k_dn, x.shape))
+    if self.cfg.regulariser_weight > 0:
+      draws["regulariser"] = self.trajectory.draw(k_reg, x)
+    return draws
+
+  def generator_loss(self, params, critic_params, teacher_params, x, c, draws):
+    """DMD + the AWD's non-saturating adversarial term + the optional MeanFlow regulariser."""
+    fake_params, disc_params = critic_params
+    b = x.shape[0]
+    g = self.generate(params, draws["e"], c)
+    t = draws["t"]
+    z_t = jax.lax.stop_gradient(losses.interpolate(g, draws["noise"], t))
     t_col = t.reshape((b,) + (1,) * (x.ndim - 1))
     # Denoised estimates x = z_t - t v: the teacher with CFG is the real score.
     v_real = paths.cfg_velocity(common.velocity_fn(self.teacher, teacher_params), z_t, t, c,
@@ -137,9 +160,9 @@ class DistributionStage:
     dmd, metrics = losses.dmd_loss(g, x_real, x_fake)
     loss = self.cfg.dmd_weight * dmd
     if self.adversarial:
-      t_d = self._disc_t(k_td, b)
-      z_g = losses.interpolate(g, jax.random.normal(k_dn, x.shape), t_d)
-      logits, weights = self.discriminate(fake_params, teacher_params, disc_params, z_g, t_d, c)
+      z_g = losses.interpolate(g, draws["disc_noise"], draws["t_d"])
+      logits, weights = self.discriminate(fake_params, teacher_params, disc_params, z_g,
+                                          draws["t_d"], c)
       adv, adv_metrics = losses.generator_adversarial_loss(logits)
       loss = loss + self.cfg.gen_adv_weight * adv
       entropy = token_weight_entropy(weights)
@@ -148,7 +171,8 @@ class DistributionStage:
                      awd_effective_tokens=jnp.mean(jnp.exp(entropy)),
                      awd_max_weight=jnp.mean(jnp.max(weights, axis=-1)))
     if self.cfg.regulariser_weight > 0:
-      reg, reg_metrics = self.trajectory.loss(params, teacher_params, x, c, k_reg)
+      reg, reg_metrics = self.trajectory.loss_of_draws(params, teacher_params, x, c,
+                                                       draws["regulariser"])
       loss = loss + self.cfg.regulariser_weight * reg
       metrics.update({"reg_" + k: v for k, v in reg_metrics.items()})
     return loss, metrics
@@ -187,11 +211,16 @@ class DistributionStage:
     key = common.step_key(state.rng, state.step)
     k_critic, k_gen = jax.random.split(key)
 
+    microbatches = int(self.cfg.get("microbatches", 1))
+
     def critic_update(carry, i):
       fake_params, fake_opt, disc_params, disc_opt = carry
-      (loss, metrics), (g_fake, g_disc) = jax.value_and_grad(self.critic_loss, has_aux=True)(
-          (fake_params, disc_params), state.params, teacher_params,
-          jnp.take(x, i, axis=1), cond_lib.take(c, i, axis=1), jax.random.fold_in(k_critic, i))
+      x_i, c_i = jnp.take(x, i, axis=1), cond_lib.take(c, i, axis=1)
+      rows = {"x": x_i, "c": c_i, "draws": self.critic_draws(jax.random.fold_in(k_critic, i), x_i)}
+      loss_fn = lambda critic, r, _: self.critic_loss(critic, state.params, teacher_params,
+                                                      r["x"], r["c"], r["draws"])
+      (loss, metrics), (g_fake, g_disc) = common.accumulate_gradients(
+          loss_fn, (fake_params, disc_params), rows, microbatches)
       finite = common.is_finite(loss, (g_fake, g_disc))
       fake_params, fake_opt = common.guarded_update(self.fake_optimizer, fake_params, fake_opt,
                                                     g_fake, finite)
@@ -207,9 +236,13 @@ class DistributionStage:
     fake_params, fake_opt, disc_params, disc_opt = carry
     critic_metrics = jax.tree.map(jnp.mean, critic_metrics)
 
-    (loss, metrics), grads = jax.value_and_grad(self.generator_loss, has_aux=True)(
-        state.params, (fake_params, disc_params), teacher_params,
-        x[:, self.k], cond_lib.take(c, self.k, axis=1), k_gen)
+    x_g, c_g = x[:, self.k], cond_lib.take(c, self.k, axis=1)
+    rows = {"x": x_g, "c": c_g, "draws": self.generator_draws(k_gen, x_g)}
+    loss_fn = lambda params, r, _: self.generator_loss(params, (fake_params, disc_params),
+                                                       teacher_params, r["x"], r["c"],
+                                                       r["draws"])
+    (loss, metrics), grads = common.accumulate_gradients(loss_fn, state.params, rows,
+                                                         microbatches)
     state = state.replace(fake_params=fake_params, fake_opt_state=fake_opt,
                           disc_params=disc_params, disc_opt_state=disc_opt)
     return common.apply_gradients(self.optimizer, state, loss, grads,

@@ -28,6 +28,9 @@ class TeacherStage:
     # conditions.Labels (the default) or conditions.Text: the null condition and its dropout.
     self.conditions = conditions or cond_lib.Labels(config.model.num_classes)
     self.optimizer = common.make_optimizer(self.cfg.optimizer)
+    # Condition dropout for CFG. A network with no label table (SANA) has no such field in its
+    # config: its captions are dropped at the rate of SANA's own training, 0.1.
+    self.dropout_rate = float(config.model.get("class_dropout_prob", 0.1))
 
   def init(self, rng, example_x, example_c, frozen=None):
     del frozen
@@ -46,15 +49,19 @@ class TeacherStage:
     t = paths.sample_t(k_t, x.shape[0], mu=self.cfg.t_mu, sigma=self.cfg.t_sigma)
     noise = jax.random.normal(k_e, x.shape, jnp.float32)
     # Captions are dropped here, labels inside the label embedder (train=True): conditions.py.
-    c = self.conditions.drop(k_drop, batch["c"], float(self.config.model.class_dropout_prob))
+    c = self.conditions.drop(k_drop, batch["c"], self.dropout_rate)
+    microbatches = int(self.cfg.get("microbatches", 1))
 
-    def loss_fn(params):
-      v_fn = lambda z, t_: common.apply_model(self.model, params, z, None, t_, c, train=True,
-                                               rngs={"dropout": k_drop})
-      loss, metrics = losses.flow_matching_loss(v_fn, x, noise, t)
-      return loss, metrics
+    def loss_fn(params, rows, i):
+      # The label embedder draws its dropout per call: each micro-batch its own key (the same
+      # rate); every other draw above was made for the whole batch.
+      k_labels = k_drop if microbatches == 1 else jax.random.fold_in(k_drop, i)
+      v_fn = lambda z, t_: common.apply_model(self.model, params, z, None, t_, rows["c"],
+                                               train=True, rngs={"dropout": k_labels})
+      return losses.flow_matching_loss(v_fn, rows["x"], rows["noise"], rows["t"])
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, metrics), grads = common.accumulate_gradients(
+        loss_fn, state.params, {"x": x, "noise": noise, "t": t, "c": c}, microbatches)
     return common.apply_gradients(self.optimizer, state, loss, grads, metrics,
                                   self.cfg.ema_decay)
 

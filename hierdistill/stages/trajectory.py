@@ -50,13 +50,21 @@ class TrajectoryStage:
         w=self.cfg.cfg_scale, null=self.conditions.null_like(c),
         interval=self.cfg.get("cfg_interval")))
 
-  def loss(self, params, teacher_params, x, c, key):
-    """MeanFlow distillation loss of one batch; shared with stage 2's regulariser."""
+  def draw(self, key, x):
+    """The step's random draws for the rows of x: (r, t) and the noise e."""
     k_rt, k_e = jax.random.split(key)
     r, t = paths.sample_r_t(k_rt, x.shape[0], mu=self.cfg.rt_mu, sigma=self.cfg.rt_sigma,
                             equal_fraction=self.cfg.equal_fraction)
-    noise = jax.random.normal(k_e, x.shape, jnp.float32)
-    z_t = losses.interpolate(x.astype(jnp.float32), noise, t)
+    return {"r": r, "t": t, "noise": jax.random.normal(k_e, x.shape, jnp.float32)}
+
+  def loss(self, params, teacher_params, x, c, key):
+    """MeanFlow distillation loss of one batch; shared with stage 2's regulariser."""
+    return self.loss_of_draws(params, teacher_params, x, c, self.draw(key, x))
+
+  def loss_of_draws(self, params, teacher_params, x, c, draws):
+    """The MeanFlow distillation loss of the rows x, c under the draws of `draw`."""
+    r, t = draws["r"], draws["t"]
+    z_t = losses.interpolate(x.astype(jnp.float32), draws["noise"], t)
     v_T = self.teacher_velocity(teacher_params, z_t, t, c)
     u_fn = lambda z, r_, t_: common.apply_model(self.student_jvp, params, z, r_, t_, c)
     u, u_tgt = losses.meanflow_target(u_fn, z_t, r, t, v_T)
@@ -72,8 +80,12 @@ class TrajectoryStage:
 
   def train_step(self, state: common.TrainState, frozen, batch):
     key = common.step_key(state.rng, state.step)
-    (loss, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(
-        state.params, frozen["teacher"], batch["x"], batch["c"], key)
+    x = batch["x"]
+    rows = {"x": x, "c": batch["c"], "draws": self.draw(key, x)}
+    loss_fn = lambda params, r, i: self.loss_of_draws(params, frozen["teacher"], r["x"],
+                                                      r["c"], r["draws"])
+    (loss, metrics), grads = common.accumulate_gradients(
+        loss_fn, state.params, rows, int(self.cfg.get("microbatches", 1)))
     return common.apply_gradients(self.optimizer, state, loss, grads, metrics,
                                   self.cfg.ema_decay)
 
