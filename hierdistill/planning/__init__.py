@@ -1,0 +1,133 @@
+"""Plan a run for a TPU slice before renting it: every program the run executes, compiled by the
+TPU compiler (libtpu, the `tpu` extra) for the described slice with the config's mesh and
+partition rules, and what the compiler says of each: memory per chip against the chip's HBM,
+its FLOPs and step-time estimate, the model's FLOPs and the utilisation they imply.
+
+  python launch/plan.py --config=experiments/imagenet256.py --topology=v5e:8x8
+
+chips.py: the slices and the chips' published figures; programs.py: the programs of a run as
+abstract arguments; analysis.py: compiling one and reading the compiler's figures.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Callable, Optional
+
+from hierdistill import sharding
+from hierdistill.planning import analysis, chips, programs
+from hierdistill.planning.programs import PROGRAMS, default_programs
+
+GiB = chips.GiB
+
+
+@dataclasses.dataclass
+class Row:
+  """One program of the plan, per device (a chip, or a core of a v4 chip)."""
+  name: str
+  what: str
+  params_bytes: int
+  optim_bytes: int
+  batch_bytes: int
+  compiled: analysis.Compiled
+  hbm_bytes: int
+  peak_flops: float  # bf16, per device
+  hbm_bytes_per_s: float
+  model_flops: Optional[float]  # per device; None when not counted
+
+  @property
+  def headroom(self) -> float:
+    """The share of the device's HBM the program leaves free (negative: it does not fit)."""
+    return 1.0 - self.compiled.total_bytes / self.hbm_bytes
+
+  @property
+  def step_seconds(self) -> tuple:
+    """(seconds, source): the compiler's own estimate when it gives one, else the roofline of
+    its counts, max(FLOPs / peak, bytes accessed / HBM bandwidth). Both are estimates."""
+    c = self.compiled
+    if c.optimal_seconds:
+      return c.optimal_seconds, "compiler"
+    return max(c.compiler_flops / self.peak_flops, c.bytes_accessed / self.hbm_bytes_per_s), \
+        "roofline"
+
+  @property
+  def utilisation(self) -> Optional[float]:
+    """Model FLOPs / (estimated step time x bf16 peak): an estimate of the MFU."""
+    seconds, _ = self.step_seconds
+    if not self.model_flops or not seconds:
+      return None
+    return self.model_flops / (seconds * self.peak_flops)
+
+
+def plan(config, topology: str, names=None, *, count_model_flops: bool = True,
+         report: Optional[Callable[[Row], None]] = None) -> list:
+  """Compiles the programs `names` (default: every program the configured chain runs) of
+  `config` for the slice `topology` and returns a Row each; `report(row)` is called as each is
+  done (compiles of full-size networks take minutes)."""
+  devices = chips.slice_devices(topology)
+  chip = chips.chip_of(topology)
+  per_chip = len(devices) // len({tuple(d.coords) for d in devices})  # v4: 2 cores, 2 devices
+  mesh = sharding.make_mesh(int(config.mesh.data), int(config.mesh.fsdp), devices=devices)
+  from hierdistill import config_checks  # pylint: disable=g-import-not-at-top
+  config_checks.validate_config(config)
+  config_checks.check_batch_sizes(config, len(devices))
+  names = tuple(names or default_programs(config))
+  built = programs.build(config, mesh, names)
+  no_remat = None
+  if count_model_flops:
+    no_remat = copy.deepcopy(config)
+    with no_remat.unlocked():
+      no_remat.model.remat = False
+  rows = []
+  for program in built:
+    compiled, _ = analysis.compile_program(program, mesh)
+    flops = None
+    if no_remat is not None:
+      (plain,) = programs.build(no_remat, mesh, (program.name,))
+      flops = analysis.model_flops(plain) / len(devices)
+    row = Row(name=program.name, what=program.what, params_bytes=program.params_bytes,
+              optim_bytes=program.optim_bytes, batch_bytes=program.batch_bytes,
+              compiled=compiled, hbm_bytes=chip.hbm_bytes // per_chip,
+              peak_flops=chip.peak_bf16_flops / per_chip,
+              hbm_bytes_per_s=chip.hbm_bytes_per_s / per_chip, model_flops=flops)
+    rows.append(row)
+    if report:
+      report(row)
+  return rows
+
+
+_SHORT = {"all-gather": "ag", "all-reduce": "ar", "reduce-scatter": "rs", "all-to-all": "aa",
+          "collective-permute": "cp"}
+HEADER = (f"{'program':<13} {'params':>7} {'optim':>6} {'batch':>6} {'temp':>6} {'total':>6} "
+          f"{'HBM':>5} {'headroom':>8}  {'TFLOP':>7} {'step s':>8} {'model':>7} {'util':>5}  "
+          f"{'collectives GiB':<28} {'compile':>7}")
+
+
+def format_row(row: Row) -> str:
+  """One line of the plan's table: GiB per device, TFLOP per device, estimates marked."""
+  c = row.compiled
+  seconds, source = row.step_seconds
+  mark = "" if source == "compiler" else "r"
+  util = f"{row.utilisation:5.0%}" if row.utilisation is not None else "    ?"
+  model = f"{row.model_flops / 1e12:7.2f}" if row.model_flops else "      ?"
+  coll = " ".join(f"{_SHORT[k]}={v / GiB:.2f}"
+                  for k, v in sorted(c.collective_bytes.items())) or "-"
+  return (f"{row.name:<13} {row.params_bytes / GiB:7.2f} {row.optim_bytes / GiB:6.2f} "
+          f"{row.batch_bytes / GiB:6.2f} {c.temp_bytes / GiB:6.2f} {c.total_bytes / GiB:6.2f} "
+          f"{row.hbm_bytes / GiB:5.0f} {row.headroom:8.0%}  {c.compiler_flops / 1e12:7.2f} "
+          f"{seconds:7.3f}{mark:1} {model} {util}  {coll:<28} {c.seconds_to_compile:6.0f}s")
+
+
+LEGEND = (
+    "Per device (a chip; a TensorCore on v4), GiB: params = every network's weights, EMA and the "
+    "frozen teacher; optim = optimiser states\n(both from shapes and the partition rules); batch "
+    "= the step's inputs; temp = the compiler's temporaries; total = the compiled program's peak\n"
+    "(inputs + outputs - donated + temp), against the chip's HBM. TFLOP = the compiler's FLOPs "
+    "(remat's recomputation included); step s = the\ncompiler's own step-time estimate, or, "
+    "marked r, the roofline of its counts (max of FLOPs / peak, bytes / HBM bandwidth); model = "
+    "the\nmodel's TFLOP (matmuls and convolutions of the step's math, no remat); util = model / "
+    "(step s x bf16 peak): an estimate, never a\nmeasurement. collectives: GiB of results of "
+    "each all-gather (ag), all-reduce (ar), reduce-scatter (rs), all-to-all (aa),\n"
+    "collective-permute (cp) as written in the program (a loop body counted once).")
+
+__all__ = ["PROGRAMS", "Row", "plan", "format_row", "HEADER", "LEGEND", "chips"]

@@ -1,0 +1,123 @@
+"""Compile a program for a TPU slice and read what the TPU compiler says of it: memory per chip
+(memory_analysis), FLOPs, bytes and its own step-time estimate (cost_analysis), the collectives
+it wrote; and count the model's FLOPs from the program's own math.
+
+Every figure here is the compiler's plan or estimate for a slice that was never run: memory is
+what the compiled program allocates (exact for that program, short of the runtime's own
+reserve); times and utilisations are estimates.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from typing import Optional
+
+import jax
+import jax.extend
+import numpy as np
+
+from hierdistill import sharding
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128)\[([\d,]*)\]")
+_OP = re.compile(r"=\s*(\([^=]*\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+
+
+@dataclasses.dataclass
+class Compiled:
+  """What the TPU compiler planned for one program on one slice, per device."""
+  seconds_to_compile: float
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  host_bytes: int  # host memory the program uses (memory kinds), if any
+  compiler_flops: float  # per device, as the compiler counts them (remat included)
+  bytes_accessed: float
+  optimal_seconds: Optional[float]  # the compiler's own step-time estimate (None: not given)
+  collective_bytes: dict  # kind -> bytes of the results, each op as written once
+
+  @property
+  def total_bytes(self) -> int:
+    """The program's peak per device: inputs + outputs - donated aliases + temporaries."""
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+
+def compile_program(program, mesh) -> tuple:
+  """(Compiled, the compiled executable) of a planning.programs.Program on `mesh`."""
+  step = jax.jit(program.fn, in_shardings=program.in_shardings,
+                 out_shardings=program.out_shardings, donate_argnums=program.donate)
+  t0 = time.time()
+  # Traced under the mesh, as the training loop traces it (sharding.under_mesh).
+  compiled = sharding.under_mesh(lambda: step.lower(*program.args).compile(), mesh)()
+  seconds = time.time() - t0
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  optimal = cost.get("optimal_seconds")
+  host = sum(int(getattr(mem, f"host_{k}_size_in_bytes", 0) or 0)
+             for k in ("argument", "output", "temp"))
+  return Compiled(
+      seconds_to_compile=seconds, argument_bytes=mem.argument_size_in_bytes,
+      output_bytes=mem.output_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
+      temp_bytes=mem.temp_size_in_bytes, host_bytes=host,
+      compiler_flops=float(cost.get("flops", 0.0)),
+      bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+      optimal_seconds=float(optimal) if optimal is not None and optimal > 0 else None,
+      collective_bytes=collective_bytes(compiled.as_text())), compiled
+
+
+def collective_bytes(hlo_text: str) -> dict:
+  """Bytes of the results of each kind of collective in an HLO module's text, each op counted
+  once as written (an op inside a loop body is counted once, not per trip)."""
+  out = {}
+  for line in hlo_text.splitlines():
+    m = _OP.search(line)
+    if not m:
+      continue
+    shapes = _SHAPE.findall(m.group(1))
+    sizes = [_DTYPE_BYTES.get(dt, 4) * int(np.prod([int(d) for d in dims.split(",") if d]))
+             for dt, dims in shapes]
+    if not sizes:
+      continue
+    # An async '-start' op's result is a tuple (operands, results): count its largest part.
+    out[m.group(2)] = out.get(m.group(2), 0) + (max(sizes) if m.group(3) else sum(sizes))
+  return out
+
+
+def model_flops(program) -> float:
+  """FLOPs of the program's matmuls and convolutions (dot_general, conv) as its jaxpr asks for
+  them, for the whole global batch: the model's FLOPs, counted without the recomputation that
+  remat adds and without elementwise work. Trace `program` from a config with remat off."""
+  jaxpr = jax.make_jaxpr(program.fn)(*program.args)
+  return _jaxpr_flops(jaxpr.jaxpr)
+
+
+def _jaxpr_flops(jaxpr) -> float:
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    prim = eqn.primitive.name
+    if prim == "dot_general":
+      lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
+      (_, rc), (_, rb) = eqn.params["dimension_numbers"]
+      free_rhs = [d for i, d in enumerate(rhs) if i not in rc and i not in rb]
+      total += 2.0 * math.prod(lhs) * math.prod(free_rhs)
+    elif prim == "conv_general_dilated":
+      rhs = eqn.invars[1].aval.shape
+      out = eqn.outvars[0].aval.shape
+      out_feature_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+      total += 2.0 * math.prod(out) * math.prod(rhs) / rhs[out_feature_dim]
+    subs = list(jax.extend.core.jaxprs_in_params(eqn.params))
+    if not subs:
+      continue
+    if prim == "scan":
+      total += eqn.params["length"] * sum(_jaxpr_flops(s) for s in subs)
+    elif prim == "cond":
+      total += max(_jaxpr_flops(s) for s in subs)
+    else:
+      total += sum(_jaxpr_flops(s) for s in subs)
+  return total
