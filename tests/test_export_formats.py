@@ -1,7 +1,8 @@
 """The one-step student outside hierdistill (issue 22): the interval embedding folded into the
 time embedder's bias is exact at (r, t) = (0, 1); a SiT-layout export loaded by a restatement of
 SiT's models.py (written here, not imported from the project) draws the generator's one-step
-images; a LightningDiT export reads back through the official layout's importer; a student asked
+images; a LightningDiT export reads back through the official layout's importer and draws the
+same samples in tests/torch_reference's LightningDiT with the card's t and sign; a student asked
 for two steps is refused in one line."""
 import json
 import math
@@ -262,6 +263,21 @@ def test_lightningdit_export_reads_back_through_the_official_layout(tmp_path):
   err = float(np.max(np.abs(x - want)))
   print(f"lightningdit round-trip max abs error (one-step samples): {err:.3g}")
   assert err < 1e-4 and meta["constructor"]["use_rope"] is True
+  # And in PyTorch: the importer tests' restatement of LightningDiT's models file, with the
+  # card's t and sign.
+  from tests.torch_reference.lightningdit import LightningDiT as TorchLightningDiT
+  args = meta["constructor"]
+  ref = TorchLightningDiT(**{k: args[k] for k in ("input_size", "patch_size", "in_channels",
+                                                  "hidden_size", "depth", "num_heads",
+                                                  "mlp_ratio", "num_classes", "use_rope")})
+  ref.load_state_dict(torch.load(os.path.join(out, "model.pt")))
+  z = torch.from_numpy(e.transpose(0, 3, 1, 2).copy())
+  assert meta["one_step"]["sign"] == "+"
+  with torch.no_grad():
+    x = (z + ref(z, torch.full((2,), meta["one_step"]["t"]), torch.tensor(labels))).numpy()
+  err = float(np.max(np.abs(x.transpose(0, 2, 3, 1) - want)))
+  print(f"lightningdit in PyTorch max abs error (one-step samples): {err:.3g}")
+  assert err < 1e-4
 
 
 def test_two_steps_or_a_wrong_network_are_refused_in_one_line(tmp_path):
