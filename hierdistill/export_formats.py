@@ -75,6 +75,11 @@ def check_request(gen, fmt: str, num_steps: int) -> None:
   if fmt not in FORMATS:
     raise ConfigError(f"--format={fmt}: choose one of {', '.join(FORMATS)}.")
   if fmt == "hierdistill":
+    if type(gen.model).__name__ == "SanaTransformer":
+      # Its prompts need the run's Gemma-2 and its DC-AE, which this format does not carry.
+      raise ConfigError("--format=hierdistill does not hold a SANA run (its text encoder and "
+                        "DC-AE stay outside it); use --format=diffusers for the one-step "
+                        "student, or sample the workdir itself (launch/sample.py --from=RUN).")
     return
   if gen.role != "student":
     raise ConfigError(f"--format={fmt} exports a one-step student; this is the {gen.role} (the "

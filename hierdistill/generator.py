@@ -52,18 +52,21 @@ class Generator:
     null); shape: one sample's shape in the model's space; sample_config: the run's `sample`
     block (the teacher's solver and guidance); data_name: the data source (for prompts);
     decoder: (module, params) of the VAE for a latent model, else None; info: what it is and
-    where it came from (stored by export.py).
+    where it came from (stored by export.py); prompt_config: the other run config blocks the
+    data source reads to encode prompts (a SANA run's text_encoder and seed), else None.
   """
 
   def __init__(self, *, model, params, conditions, shape: Sequence[int], role: str,
                sample_config: dict, data_name: str, model_config: dict,
-               decoder=None, info: Optional[dict] = None, devices=None):
+               decoder=None, info: Optional[dict] = None, devices=None,
+               prompt_config: Optional[dict] = None):
     if role not in ("student", "teacher"):
       raise ValueError(f"role={role!r}; 'student' or 'teacher'.")
     self.model, self.conditions, self.role = model, conditions, role
     self.shape = tuple(int(s) for s in shape)
     self.sample_config = dict(sample_config)
     self.data_name, self.model_config = data_name, dict(model_config)
+    self.prompt_config = dict(prompt_config or {})
     self.info = dict(info or {})
     self.mesh = shard_lib.make_mesh(-1, 1, devices=devices)
     rep = shard_lib.replicated(self.mesh)
@@ -123,7 +126,7 @@ class Generator:
                role="student" if student else "teacher",
                sample_config=config.sample.to_dict(), data_name=config.data.name,
                model_config=config.model.to_dict(), decoder=decoder, info=info,
-               devices=devices)
+               devices=devices, prompt_config=_prompt_config(config))
 
   # -- conditions --------------------------------------------------------------------------------
 
@@ -144,7 +147,7 @@ class Generator:
         raise ValueError(f"this generator is class-conditional ({self.conditions.describe()}): "
                          "give class labels, not prompts.")
       config = ml_collections.ConfigDict({"data": {"name": self.data_name},
-                                          "model": self.model_config})
+                                          "model": self.model_config, **self.prompt_config})
       return sources.source_class(self.data_name).conditions_from_prompts(config, items)
     if self.is_text:
       raise ValueError("this generator reads text: give prompts (strings), not labels.")
@@ -276,6 +279,13 @@ def _imported_teacher(config, teacher, abstract, shardings):
     params = jax.tree.map(lambda a, s: np.asarray(a, s.dtype), params, abstract)
     return jax.device_put(params, shardings)
   return ckpt_lib.load_params(path, abstract, shardings)
+
+
+def _prompt_config(config) -> dict:
+  """The run's blocks a text source encodes prompts with besides data and model: a SANA run's
+  text encoder (its files, or the seed of runlocal's random one)."""
+  return {k: (config[k].to_dict() if hasattr(config[k], "to_dict") else config[k])
+          for k in ("text_encoder", "seed") if k in config}
 
 
 def _vae_of(config):

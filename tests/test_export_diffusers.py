@@ -55,7 +55,9 @@ def sana_student(tmp_path_factory):
                   shape=shape, role="student", sample_config=config.sample.to_dict(),
                   data_name=config.data.name, model_config=config.model.to_dict(),
                   decoder=(dcae, random_vae_params(dcae, 0)), info=INFO,
-                  devices=jax.devices()[:1])
+                  devices=jax.devices()[:1],
+                  prompt_config={"text_encoder": config.text_encoder.to_dict(),
+                                 "seed": config.seed})
   return config, gen, source
 
 
@@ -69,7 +71,7 @@ def exported(sana_student, tmp_path_factory):
 
 
 def test_sana_pipeline_draws_the_generators_images(sana_student, exported):
-  config, gen, source = sana_student
+  config, gen, _ = sana_student
   out, meta = exported
   assert sorted(os.listdir(out)) == ["README.md", "export.json", "model_index.json", "scheduler",
                                      "text_encoder", "tokenizer", "transformer", "vae"]
@@ -80,7 +82,7 @@ def test_sana_pipeline_draws_the_generators_images(sana_student, exported):
   assert pipe.vae.config.scaling_factor == pytest.approx(config.vae.scaling_factor)
 
   key = jax.random.PRNGKey(0)
-  images = gen(key, source.conditions_from_prompts(config, PROMPTS))
+  images = gen(key, PROMPTS)  # encoded by the run's Gemma-2, as SanaPipeline encodes them
   e = np.asarray(jax.random.normal(key, (len(PROMPTS),) + gen.shape, jnp.float32))
   latents = torch.from_numpy(e.transpose(0, 3, 1, 2).copy())
 
@@ -128,6 +130,9 @@ def test_the_exported_folder_is_accepted_as_a_teacher(sana_student, exported):
 
 def test_missing_text_files_are_one_line(sana_student, tmp_path):
   config, gen, _ = sana_student
+  with pytest.raises(ConfigError, match=r"--format=hierdistill does not hold a SANA run.*"
+                                        r"use --format=diffusers"):
+    export_formats.check_request(gen, "hierdistill", 1)
   config = config.copy_and_resolve_references()
   config.text_encoder.tokenizer = str(tmp_path / "nowhere" / "tokenizer.json")
   with pytest.raises(ConfigError, match=r"config\.text_encoder\.tokenizer=.*no such file") as e:
