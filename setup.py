@@ -45,5 +45,10 @@ setup(
         # and CLIP-score importers are tested against.
         "torch": ["torch>=2.1,<2.14", "safetensors>=0.4", "diffusers>=0.27",
                   "transformers>=4.44"],
+        # The TPU compiler (libtpu), for planning pods from any machine: launch/plan.py compiles
+        # every program of a run for a described slice (v4, v5e, v5p, v6e) with no TPU present.
+        # jax's own extra pins the libtpu that matches the jax installed; on a TPU VM it is
+        # also what runs the programs. libtpu ships for Linux only.
+        "tpu": ["jax[tpu]; sys_platform == 'linux'"],
     },
 )

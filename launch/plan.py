@@ -14,6 +14,7 @@ Flags:
   --programs=a,b        of teacher, trajectory, distribution, sampler, generator (default:
                         the configured stages' steps, then both samplers)
   --model_flops         count the model's FLOPs (a trace without remat; default on)
+  --json=FILE           also write the rows (bytes, FLOPs, seconds) as JSON
 
 Every figure is the TPU compiler's plan (memory) or estimate (times, utilisation) for a slice
 that was never run. Exit status 2 with one line for a mistake in the command or config, or when
@@ -38,6 +39,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _TOPOLOGY = flags.DEFINE_string("topology", None, "libtpu slice, e.g. v5e:8x8 or v5p:4x4x4.")
 _PROGRAMS = flags.DEFINE_list("programs", None, "Programs to compile (default: all the run's).")
 _MODEL_FLOPS = flags.DEFINE_bool("model_flops", True, "Count the model's FLOPs.")
+_JSON = flags.DEFINE_string("json", None, "Also write the rows to this JSON file.")
 flags.mark_flags_as_required(["config", "topology"])
 
 
@@ -80,6 +82,11 @@ def main(argv):
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  if _JSON.value:
+    import json  # pylint: disable=g-import-not-at-top
+    with open(_JSON.value, "w") as f:
+      json.dump({"topology": _TOPOLOGY.value, "config": config.name,
+                 "rows": [r.to_dict() for r in rows]}, f, indent=1)
   worst = min(rows, key=lambda r: r.headroom)
   print(f"\nlargest: {worst.name}, {worst.compiled.total_bytes / 2**30:.2f} of "
         f"{worst.hbm_bytes / 2**30:.0f} GiB ({worst.headroom:.0%} headroom); "

@@ -50,6 +50,15 @@ class Row:
     return max(c.compiler_flops / self.peak_flops, c.bytes_accessed / self.hbm_bytes_per_s), \
         "roofline"
 
+  def to_dict(self) -> dict:
+    """The row as plain numbers (bytes, FLOPs, seconds), for JSON."""
+    seconds, source = self.step_seconds
+    out = {k: v for k, v in dataclasses.asdict(self).items() if k != "compiled"}
+    out.update(dataclasses.asdict(self.compiled), total_bytes=self.compiled.total_bytes,
+               headroom=self.headroom, step_seconds=seconds, step_seconds_source=source,
+               utilisation=self.utilisation)
+    return out
+
   @property
   def utilisation(self) -> Optional[float]:
     """Model FLOPs / (estimated step time x bf16 peak): an estimate of the MFU."""

@@ -1,0 +1,163 @@
+"""The TPU plans of the paper's runs: every program of each run compiled by the TPU compiler at
+full depth for real slices (launch/plan.py), collected into the tables of benchmarks/README.md.
+
+  pip install -e ".[tpu]"
+  python benchmarks/tpu_table.py --list                 # the plans and which are done
+  python benchmarks/tpu_table.py                        # compile what is missing, then the table
+  python benchmarks/tpu_table.py --only=fit             # the plans whose name contains 'fit'
+  python benchmarks/tpu_table.py --table                # the table from what is done
+
+Each (plan, program) is one `launch/plan.py --programs=<program> --json=...` process, and its
+row is kept in benchmarks/tpu_plans.json as soon as it is done: a full-depth program takes
+minutes to tens of minutes to compile on a 2-core host, so the work spans sessions and a rerun
+only compiles what is missing. Every figure is the compiler's (memory: its plan; times and
+utilisation: its estimates), never a measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "tpu_plans.json")
+GiB = 2 ** 30
+PROGRAMS = ("trajectory", "distribution", "sampler", "generator")
+
+IMAGENET = {"SiT-XL/2": "experiments/imagenet256.py",
+            "LightningDiT-XL/1": "experiments/imagenet256.py:lightningdit",
+            "DiT-XL/2": "experiments/imagenet256.py:dit"}
+SANA = {f"SANA-{size} {px} px": f"experiments/mjhq_sana.py:{size},{px}"
+        for size in ("0.6B", "1.6B") for px in ("512", "1024")}
+
+# The levers that make each run fit its smallest slice with >= 15% headroom (README: "Planning
+# a TPU slice"); the global batch stays the config's (256).
+LEVERS = {
+    "imagenet": ("--config.frozen_param_dtype=bfloat16", "--config.trajectory.microbatches=4",
+                 "--config.distribution.microbatches=4"),
+    "sana": ("--config.frozen_param_dtype=bfloat16", "--config.trajectory.microbatches=8",
+             "--config.distribution.microbatches=8"),
+}
+
+
+def plans() -> list:
+  """(name, config, topology, overrides): the table of the paper's runs on 64- and 256-chip
+  slices as configured, then the smallest slices with the levers."""
+  out = []
+  for label, config in IMAGENET.items():
+    for topology in ("v5e:8x8", "v5p:4x4x4", "v6e:8x8"):
+      out.append((f"{label} {topology}", config, topology, ()))
+  for label, config in SANA.items():
+    for topology in ("v5e:16x16", "v5p:4x4x4", "v6e:8x8"):
+      out.append((f"{label} {topology}", config, topology, ()))
+  for label, config in IMAGENET.items():
+    out.append((f"fit {label} v5e:2x2", config, "v5e:2x2", LEVERS["imagenet"]))
+  out.append(("fit SANA-0.6B 1024 px v5e:2x4", SANA["SANA-0.6B 1024 px"], "v5e:2x4",
+              LEVERS["sana"]))
+  for topology in ("v5e:4x4", "v6e:2x4"):
+    out.append((f"fit SANA-1.6B 1024 px {topology}", SANA["SANA-1.6B 1024 px"], topology,
+                LEVERS["sana"]))
+  return out
+
+
+def key_of(config, topology, overrides, program) -> str:
+  return "|".join((config, topology, " ".join(overrides), program))
+
+
+def load() -> dict:
+  if not os.path.exists(RESULTS):
+    return {}
+  with open(RESULTS) as f:
+    return json.load(f)
+
+
+def save(results: dict) -> None:
+  tmp = RESULTS + ".partial"
+  with open(tmp, "w") as f:
+    json.dump(results, f, indent=1, sort_keys=True)
+  os.replace(tmp, RESULTS)  # a killed run never leaves a torn file
+
+
+def compile_one(config, topology, overrides, program, timeout_s) -> dict:
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "row.json")
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "plan.py"), f"--config={config}",
+           f"--topology={topology}", f"--programs={program}", f"--json={out}", *overrides]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+    if proc.returncode != 0:
+      tail = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith(("W0", "E0"))]
+      return {"error": (tail[-1] if tail else f"exit {proc.returncode}")[:300],
+              "wall_s": time.time() - t0}
+    with open(out) as f:
+      row = json.load(f)["rows"][0]
+    row["wall_s"] = time.time() - t0
+    return row
+
+
+def table(results: dict, only: str = "") -> str:
+  lines = ["| run | slice | levers | program | params | optim | temp | total GiB / chip | HBM | "
+           "headroom | step s (est.) | model TFLOP / chip | util (est.) | compile |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for name, config, topology, overrides in plans():
+    if only and only not in name:
+      continue
+    for program in PROGRAMS:
+      row = results.get(key_of(config, topology, overrides, program))
+      if row is None:
+        continue
+      label = name.replace("fit ", "").rsplit(" ", 1)[0]
+      levers = "yes" if overrides else "-"
+      if "error" in row:
+        lines.append(f"| {label} | {topology} | {levers} | {program} | failed: {row['error']} "
+                     "| | | | | | | | | |")
+        continue
+      util = f"{row['utilisation']:.0%}" if row.get("utilisation") else "?"
+      model = f"{row['model_flops'] / 1e12:.1f}" if row.get("model_flops") else "?"
+      mark = "" if row["step_seconds_source"] == "compiler" else " (roofline)"
+      lines.append(
+          f"| {label} | {topology} | {levers} | {program} | {row['params_bytes'] / GiB:.2f} | "
+          f"{row['optim_bytes'] / GiB:.2f} | {row['temp_bytes'] / GiB:.2f} | "
+          f"{row['total_bytes'] / GiB:.2f} | {row['hbm_bytes'] / GiB:.0f} | "
+          f"{row['headroom']:.0%} | {row['step_seconds']:.3f}{mark} | {model} | {util} | "
+          f"{row['seconds_to_compile']:.0f} s |")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--only", default="", help="plans whose name contains this")
+  parser.add_argument("--programs", default=",".join(PROGRAMS))
+  parser.add_argument("--list", action="store_true", help="list the plans and what is done")
+  parser.add_argument("--table", action="store_true", help="print the table of what is done")
+  parser.add_argument("--timeout_s", type=int, default=3 * 3600, help="per program")
+  args = parser.parse_args(argv)
+  results = load()
+  todo = [(p, prog) for p in plans() if args.only in p[0] for prog in args.programs.split(",")]
+  if args.list:
+    for (name, config, topology, overrides), program in todo:
+      done = key_of(config, topology, overrides, program) in results
+      print(f"{'done' if done else '    '}  {name:<40} {program}")
+    return
+  if not args.table:
+    for (name, config, topology, overrides), program in todo:
+      key = key_of(config, topology, overrides, program)
+      if key in results and "error" not in results[key]:
+        continue
+      print(f"[{time.strftime('%H:%M:%S')}] {name}: {program} ...", flush=True)
+      row = compile_one(config, topology, overrides, program, args.timeout_s)
+      results = load()  # another run may have added rows meanwhile
+      results[key] = row
+      save(results)
+      print(f"    {'failed: ' + row['error'] if 'error' in row else 'total ' + format(row['total_bytes'] / GiB, '.2f') + ' GiB'}"
+            f" ({row['wall_s']:.0f} s)", flush=True)
+  print(table(results, args.only))
+
+
+if __name__ == "__main__":
+  main()
