@@ -36,3 +36,20 @@ def test_profile_is_off_by_default_and_checked(tmp_path):
     config.profile = bad
     with pytest.raises(ConfigError, match=r"^config\.profile=.*give \(start_step, num_steps\)"):
       validate_config(config)
+
+
+def test_one_process_or_all(tmp_path, monkeypatch):
+  """On a pod only process 0 traces, unless profile_all_processes: then each process writes its
+  own folder (two processes on one host would otherwise name the same files)."""
+  config = toy2d.get_config("tiny")
+  config.profile = (2, 3)
+  monkeypatch.setattr(jax, "process_count", lambda: 4)
+  for index, everyone, enabled, folder in ((0, False, True, ""), (1, False, False, ""),
+                                           (1, True, True, "process_1")):
+    monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+    config.profile_all_processes = everyone
+    p = profiling.StepProfiler(config, str(tmp_path), "trajectory")
+    assert p.enabled == enabled
+    base = profiling.profile_dir(str(tmp_path), "trajectory")
+    assert p.log_dir == (os.path.join(base, folder) if folder else base)
+    assert (p.first, p.end) == (2, 5)
