@@ -40,8 +40,8 @@ SANA = {f"SANA-{size} {px} px": f"experiments/mjhq_sana.py:{size},{px}"
 LEVERS = {
     "imagenet": ("--config.frozen_param_dtype=bfloat16", "--config.trajectory.microbatches=4",
                  "--config.distribution.microbatches=4"),
-    "sana": ("--config.frozen_param_dtype=bfloat16", "--config.trajectory.microbatches=8",
-             "--config.distribution.microbatches=8"),
+    "sana": ("--config.frozen_param_dtype=bfloat16", "--config.trajectory.microbatches=16",
+             "--config.distribution.microbatches=16"),
 }
 
 

@@ -15,6 +15,7 @@ each version: cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e):
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 from hierdistill.config_checks import ConfigError
@@ -48,6 +49,18 @@ def chip_of(topology: str) -> Chip:
   return CHIPS[version]
 
 
+def _accelerator_type(topology: str) -> str:
+  """The Cloud TPU accelerator-type name of a slice ('v5e:2x4' -> 'v5litepod-8'); v4 and v5p
+  name their TensorCores, two a chip."""
+  version, shape = topology.split(":", 1)
+  try:
+    count = math.prod(int(d) for d in shape.split("x"))
+  except ValueError:
+    count = 1
+  return {"v4": f"v4-{2 * count}", "v5e": f"v5litepod-{count}", "v5p": f"v5p-{2 * count}",
+          "v6e": f"v6e-{count}"}[version]
+
+
 def slice_devices(topology: str):
   """The devices of a described TPU slice (compile-only: nothing runs on them).
 
@@ -57,7 +70,11 @@ def slice_devices(topology: str):
   """
   chip_of(topology)
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  # What a TPU VM's metadata would tell libtpu; here only to keep its start-up quiet (the
+  # compile target is the topology named, whatever these say).
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", _accelerator_type(topology))
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   try:
     import libtpu  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
