@@ -8,7 +8,8 @@ program), set beside what the partition rules should give (shapes / shardings).
   python benchmarks/memory.py                        # SiT-XL/2, batch 256, N = 8 and 64 fake
                                                      # CPU devices (the CPU compiler's figures)
   python benchmarks/memory.py --target=tpu-v5e       # the TPU compiler, for a v5e-8 and a v5e-64
-                                                     # (needs libtpu: pip install 'jax[tpu]')
+                                                     # (needs libtpu: pip install -e '.[tpu]';
+                                                     # launch/plan.py plans whole runs, any slice)
   python benchmarks/memory.py --size=B/2 --devices=8 --stages=trajectory   # quicker
   python benchmarks/memory.py --model=sana --devices=64 --depths=2,4   # SANA-1.6B at 1024 px
                                                      # (experiments/mjhq_sana.py), text batches
@@ -94,6 +95,7 @@ def main(argv=None):
   import step_cost  # pylint: disable=g-import-not-at-top
   from hierdistill import pipeline  # pylint: disable=g-import-not-at-top
   from hierdistill import sharding  # pylint: disable=g-import-not-at-top
+  from hierdistill.planning import programs  # pylint: disable=g-import-not-at-top
 
   model_parser = argparse.ArgumentParser()
   # The planning default: SiT-XL/2 on ImageNet-256 latents, bf16 compute, remat on.
@@ -102,15 +104,11 @@ def main(argv=None):
   margs = model_parser.parse_args(rest)
   jax.config.update("jax_threefry_partitionable", True)
   depths = [int(d) for d in args.depths.split(",")] if args.depths else []
-  conditions = None
   if args.model == "sana":
-    from hierdistill import conditions as cond_lib  # pylint: disable=g-import-not-at-top
     build_config = lambda depth=0: _sana_config(args, depth)
     full = build_config()
-    # The text condition of SANA: 300 Gemma-2 tokens of width 2304 (stored at extraction: the
-    # encoder runs in no train step, data/text_latents.py).
-    null = np.zeros((full.text_encoder.max_sequence_length, full.model.caption_channels))
-    conditions = cond_lib.Text(null, np.eye(1, null.shape[0], dtype=np.int32)[0])
+    # The text condition of SANA (planning.programs.condition_kind): 300 Gemma-2 tokens of
+    # width 2304, stored at extraction (the encoder runs in no train step).
     px = full.data.image_size
     shape = (px // 32, px // 32, full.model.in_channels)
     label = f"SANA-{args.sana.split(',')[0]} at {px} px"
@@ -126,7 +124,8 @@ def main(argv=None):
     shape = (margs.input_size, margs.input_size, margs.channels)
     label = f"DiT-{margs.size}"
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(
-      pipeline.Networks(full, conditions).abstract_params(shape, student=True)))
+      pipeline.Networks(full, programs.condition_kind(full)).abstract_params(
+          shape, student=True)))
   print(f"{label} depth {full.model.depth} ({n_params / 1e6:.0f}M params per "
         f"network), input {shape}, global batch {args.batch}, compute {margs.dtype}, JVP "
         f"{margs.jvp_dtype}, remat {margs.remat}, k = {margs.update_ratio}, target "
@@ -144,60 +143,37 @@ def main(argv=None):
   print("-" * len(header))
 
   def layout(config, name, mesh):
-    """Abstract (state, frozen, batch) of a stage's step and their shardings."""
-    nets = pipeline.Networks(config, conditions)
-    stage = pipeline.build_stage(name, config, nets)
-    k = getattr(stage, "examples_per_row", 1)
-    teacher = nets.abstract_params(shape, student=False)
-    inputs = {"teacher": {}, "trajectory": {"teacher": teacher},
-              "distribution": {"generator": nets.abstract_params(shape, student=True),
-                               "teacher": teacher}}[name]
-    # Init shapes from abstract inputs: eval_shape allocates nothing, XL included.
-    state = jax.eval_shape(
-        lambda r, i: stage.init(r, jnp.zeros((1,) + shape), nets.conditions.example(1),
-                                *([i] if name != "teacher" else [])),
-        jax.ShapeDtypeStruct((2,), jnp.uint32), inputs)
-    frozen = {"teacher": teacher} if name != "teacher" else {}
-    lead = (args.batch, k) if k > 1 else (args.batch,)
-    batch = {"x": jax.ShapeDtypeStruct(lead + shape, jnp.float32),
-             "c": jax.tree.map(lambda a: jax.ShapeDtypeStruct(lead + a.shape[1:], a.dtype),
-                               nets.conditions.abstract(1))}
-    shardings = (sharding.state_shardings(state, mesh, config.sharding_rules),
-                 sharding.state_shardings(frozen, mesh, config.sharding_rules),
-                 jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch))
-    return stage, (state, frozen, batch), shardings
+    """The stage's step as planning.programs lays it out for launch/plan.py: abstract
+    (state, frozen, batch), their shardings, and the per-device bytes from shapes."""
+    (program,) = programs.build(config, mesh, (name,))
+    return program
 
-  def from_shapes(abstract, shardings) -> dict:
-    (state, frozen, batch), (state_sh, frozen_sh, batch_sh) = abstract, shardings
-    weights = (sharding.per_device_bytes(_weights(state), _weights(state_sh))
-               + sharding.per_device_bytes(frozen, frozen_sh))
-    optim = sharding.per_device_bytes(_optim(state), _optim(state_sh))
-    args_bytes = (sharding.per_device_bytes(state, state_sh)
-                  + sharding.per_device_bytes(frozen, frozen_sh)
-                  + sharding.per_device_bytes(batch, batch_sh))
-    return {"weights": weights, "optim": optim, "args": args_bytes}
+  def from_shapes(program) -> dict:
+    weights = program.params_bytes
+    return {"weights": weights, "optim": program.optim_bytes,
+            "args": weights + program.optim_bytes + program.batch_bytes}
 
   def compile_one(config, name, mesh) -> dict:
-    stage, abstract, shardings = layout(config, name, mesh)
+    program = layout(config, name, mesh)
     options = {}
     if args.target == "cpu":
       options["xla_cpu_scheduler_type"] = CPU_SCHEDULERS[args.cpu_scheduler]
       if args.compile_level >= 0:
         options["xla_backend_optimization_level"] = args.compile_level
-    step = jax.jit(stage.train_step, in_shardings=shardings,
-                   out_shardings=(shardings[0], sharding.replicated(mesh)),
-                   donate_argnums=(0,), compiler_options=options or None)
+    step = jax.jit(program.fn, in_shardings=program.in_shardings,
+                   out_shardings=program.out_shardings, donate_argnums=program.donate,
+                   compiler_options=options or None)
     t0 = time.time()
     # Traced under the mesh, as the training loop traces it: the models' batch pins
     # (sharding.constrain_batch) see it and XLA gathers weights, not activations.
-    compiled = sharding.under_mesh(lambda: step.lower(*abstract).compile(), mesh)()
+    compiled = sharding.under_mesh(lambda: step.lower(*program.args).compile(), mesh)()
     if args.dump_hlo:
       path = os.path.join(args.dump_hlo, f"{name}_n{mesh.devices.size}_d{config.model.depth}.txt")
       os.makedirs(args.dump_hlo, exist_ok=True)
       with open(path, "w") as f:
         f.write(compiled.as_text())
     mem = compiled.memory_analysis()
-    row = from_shapes(abstract, shardings)
+    row = from_shapes(program)
     row.update(args=mem.argument_size_in_bytes, temp=mem.temp_size_in_bytes,
                total=(mem.argument_size_in_bytes + mem.output_size_in_bytes
                       - mem.alias_size_in_bytes + mem.temp_size_in_bytes),
@@ -229,8 +205,7 @@ def main(argv=None):
         show(n, name, f"{data}x{fsdp}", measured[-1])
       (d0, t0), (d1, t1) = [(m["depth"], m["temp"]) for m in (measured[0], measured[-1])]
       slope = (t1 - t0) / (d1 - d0)
-      _, abstract, shardings = layout(full, name, mesh)
-      row = from_shapes(abstract, shardings)
+      row = from_shapes(layout(full, name, mesh))
       row.update(depth=full.model.depth, temp=t1 + slope * (full.model.depth - d1))
       row["total"] = row["args"] + row["temp"]
       show(n, name, f"{data}x{fsdp}", row, note="extrapolated")
@@ -250,27 +225,14 @@ def _sana_config(args, depth: int = 0):
   return c
 
 
-def _weights(state):
-  """The parameter-like fields of a train state (every network's weights and EMA)."""
-  return {k: v for k, v in vars(state).items() if k.endswith("params")}
-
-
-def _optim(state):
-  return {k: v for k, v in vars(state).items() if k.endswith("opt_state")}
-
-
 def _devices(target: str, n: int, jax):
   if target == "cpu":
     return jax.devices()[:n]
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   if n not in V5E_TOPOLOGIES:
     raise ValueError(f"--devices: no v5e slice of {n} chips; choose from "
                      f"{sorted(V5E_TOPOLOGIES)}.")
-  # A v5e host holds a 2x2 block of chips; libtpu needs the host bounds to lay the slice out.
-  topology = topologies.get_topology_desc(
-      platform="tpu", topology_name=V5E_TOPOLOGIES[n], chip_config_name="default",
-      chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=(False, False, False))
-  return topology.devices
+  from hierdistill.planning import chips  # pylint: disable=g-import-not-at-top
+  return chips.slice_devices(V5E_TOPOLOGIES[n])
 
 
 if __name__ == "__main__":
