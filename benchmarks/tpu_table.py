@@ -91,7 +91,8 @@ def compile_one(config, topology, overrides, program, timeout_s) -> dict:
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
     if proc.returncode != 0:
-      tail = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith(("W0", "E0"))]
+      tail = [ln for ln in proc.stderr.splitlines()
+              if ln.strip() and not ln.startswith(("W0", "E0"))]
       return {"error": (tail[-1] if tail else f"exit {proc.returncode}")[:300],
               "wall_s": time.time() - t0}
     with open(out) as f:
@@ -154,8 +155,9 @@ def main(argv=None):
       results = load()  # another run may have added rows meanwhile
       results[key] = row
       save(results)
-      print(f"    {'failed: ' + row['error'] if 'error' in row else 'total ' + format(row['total_bytes'] / GiB, '.2f') + ' GiB'}"
-            f" ({row['wall_s']:.0f} s)", flush=True)
+      done = (f"failed: {row['error']}" if "error" in row
+              else f"total {row['total_bytes'] / GiB:.2f} GiB, headroom {row['headroom']:.0%}")
+      print(f"    {done} ({row['wall_s']:.0f} s)", flush=True)
   print(table(results, args.only))
 
 

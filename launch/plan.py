@@ -62,13 +62,14 @@ def main(argv):
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  micro = ", ".join(str(getattr(config, s).get("microbatches", 1))
+                    for s in ("teacher", "trajectory", "distribution"))
   print(f"{config.name} on {_TOPOLOGY.value} ({chip.name}: {chip.hbm_bytes / 2**30:.0f} GiB HBM, "
         f"{chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 a chip; {planning.chips.SOURCE}), mesh "
         f"data={config.mesh.data} fsdp={config.mesh.fsdp}, frozen teacher "
         f"{config.get('frozen_param_dtype', 'float32')}, remat "
         f"{config.model.get('remat', False)} ({config.model.get('remat_policy', '-')}), "
-        f"micro-batches {', '.join(str(getattr(config, s).get('microbatches', 1)) for s in ('teacher', 'trajectory', 'distribution'))} "
-        "(teacher, stage 1, stage 2)", flush=True)
+        f"micro-batches {micro} (teacher, stage 1, stage 2)", flush=True)
   print(planning.LEGEND)
   print("\n" + planning.HEADER)
   t0 = time.time()

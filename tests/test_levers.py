@@ -10,6 +10,8 @@ import pytest
 
 from experiments import digits, digits_text
 from hierdistill import pipeline
+from hierdistill import sources
+from hierdistill.config_checks import ConfigError, validate_config
 from hierdistill.stages import common
 
 STAGES = ("teacher", "trajectory", "distribution")
@@ -20,10 +22,7 @@ SHAPE = (8, 8, 1)
 def one_step(config, name, frozen_dtype="float32"):
   """(metrics, new state) of one train step of stage `name` from fixed, non-trivial params
   (random, then perturbed: the zero-initialised output layers would make every loss 0)."""
-  nets = pipeline.Networks(config)
-  if config.model.get("caption_channels", 0):
-    from hierdistill import sources  # pylint: disable=g-import-not-at-top
-    nets = pipeline.Networks(config, sources.source_class(config.data.name).condition_kind(config))
+  nets = pipeline.Networks(config, sources.source_class(config.data.name).condition_kind(config))
   c1 = jax.tree.map(jnp.asarray, nets.conditions.example(1))
   x1, t1 = jnp.zeros((1,) + SHAPE), jnp.ones((1,))
   perturb = lambda p, k: jax.tree.map(
@@ -96,7 +95,6 @@ def test_gradient_accumulation_keeps_caption_dropout():
 
 
 def test_microbatches_must_divide_the_batch():
-  from hierdistill.config_checks import ConfigError, validate_config  # pylint: disable=g-import-not-at-top
   config = tiny()
   config.trajectory.microbatches = 3
   with pytest.raises(ConfigError, match="trajectory.microbatches=3"):
@@ -120,5 +118,5 @@ def test_bfloat16_frozen_teacher_moves_a_bfloat16_model_by_rounding_only(name):
   half = one_step(config, name, frozen_dtype="bfloat16")
   for key in ("loss", "grad_norm"):
     np.testing.assert_allclose(half[0][key], full[0][key], rtol=2e-2, err_msg=key)
-  teacher_leaves = jax.tree.leaves(common.frozen_copy({"w": jnp.ones(3)}, "bfloat16"))
-  assert teacher_leaves[0].dtype == jnp.bfloat16
+  held = common.frozen_copy({"w": jnp.ones(3), "i": jnp.ones(3, jnp.int32)}, "bfloat16")
+  assert held["w"].dtype == jnp.bfloat16 and held["i"].dtype == jnp.int32

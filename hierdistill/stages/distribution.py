@@ -104,7 +104,8 @@ class DistributionStage:
                                  sigma=self.cfg.fake_t_sigma),
              "fm_noise": jax.random.normal(k_fm, x.shape)}
     if self.adversarial:
-      draws.update(t_d=self._disc_t(k_td, x.shape[0]), real_noise=jax.random.normal(k_dr, x.shape),
+      draws.update(t_d=self._disc_t(k_td, x.shape[0]),
+                   real_noise=jax.random.normal(k_dr, x.shape),
                    fake_noise=jax.random.normal(k_df, x.shape))
     return draws
 
@@ -216,7 +217,8 @@ class DistributionStage:
     def critic_update(carry, i):
       fake_params, fake_opt, disc_params, disc_opt = carry
       x_i, c_i = jnp.take(x, i, axis=1), cond_lib.take(c, i, axis=1)
-      rows = {"x": x_i, "c": c_i, "draws": self.critic_draws(jax.random.fold_in(k_critic, i), x_i)}
+      draws = self.critic_draws(jax.random.fold_in(k_critic, i), x_i)
+      rows = {"x": x_i, "c": c_i, "draws": draws}
       loss_fn = lambda critic, r, _: self.critic_loss(critic, state.params, teacher_params,
                                                       r["x"], r["c"], r["draws"])
       (loss, metrics), (g_fake, g_disc) = common.accumulate_gradients(
