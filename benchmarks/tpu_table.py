@@ -120,7 +120,8 @@ def table(results: dict, only: str = "") -> str:
         continue
       util = f"{row['utilisation']:.0%}" if row.get("utilisation") else "?"
       model = f"{row['model_flops'] / 1e12:.1f}" if row.get("model_flops") else "?"
-      mark = "" if row["step_seconds_source"] == "compiler" else " (roofline)"
+      source = row["step_seconds_source"]
+      mark = "" if source == "compiler" else f" ({source})"
       lines.append(
           f"| {label} | {topology} | {levers} | {program} | {row['params_bytes'] / GiB:.2f} | "
           f"{row['optim_bytes'] / GiB:.2f} | {row['temp_bytes'] / GiB:.2f} | "

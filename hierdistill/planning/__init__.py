@@ -14,6 +14,7 @@ import copy
 import dataclasses
 from typing import Callable, Optional
 
+from hierdistill import config_checks
 from hierdistill import sharding
 from hierdistill.planning import analysis, chips, programs
 from hierdistill.planning.programs import PROGRAMS, default_programs
@@ -34,6 +35,9 @@ class Row:
   peak_flops: float  # bf16, per device
   hbm_bytes_per_s: float
   model_flops: Optional[float]  # per device; None when not counted
+  # Model FLOPs over the same counted with each loop body once, as the compiler's cost analysis
+  # counts: what its FLOPs and step-time estimate are scaled by (1: no loop; None: not counted).
+  loop_factor: Optional[float] = None
 
   @property
   def headroom(self) -> float:
@@ -43,12 +47,16 @@ class Row:
   @property
   def step_seconds(self) -> tuple:
     """(seconds, source): the compiler's own estimate when it gives one, else the roofline of
-    its counts, max(FLOPs / peak, bytes accessed / HBM bandwidth). Both are estimates."""
+    its counts, max(FLOPs / peak, bytes accessed / HBM bandwidth); either scaled by the loop
+    factor, since the compiler counts a loop body once. Estimates, all of them."""
     c = self.compiled
     if c.optimal_seconds:
-      return c.optimal_seconds, "compiler"
-    return max(c.compiler_flops / self.peak_flops, c.bytes_accessed / self.hbm_bytes_per_s), \
-        "roofline"
+      seconds, source = c.optimal_seconds, "compiler"
+    else:
+      seconds = max(c.compiler_flops / self.peak_flops, c.bytes_accessed / self.hbm_bytes_per_s)
+      source = "roofline"
+    factor = self.loop_factor or 1.0
+    return seconds * factor, source + (" x loops" if factor > 1.001 else "")
 
   def to_dict(self) -> dict:
     """The row as plain numbers (bytes, FLOPs, seconds), for JSON."""
@@ -77,7 +85,6 @@ def plan(config, topology: str, names=None, *, count_model_flops: bool = True,
   chip = chips.chip_of(topology)
   per_chip = len(devices) // len({tuple(d.coords) for d in devices})  # v4: 2 cores, 2 devices
   mesh = sharding.make_mesh(int(config.mesh.data), int(config.mesh.fsdp), devices=devices)
-  from hierdistill import config_checks  # pylint: disable=g-import-not-at-top
   config_checks.validate_config(config)
   config_checks.check_batch_sizes(config, len(devices))
   names = tuple(names or default_programs(config))
@@ -90,15 +97,17 @@ def plan(config, topology: str, names=None, *, count_model_flops: bool = True,
   rows = []
   for program in built:
     compiled, _ = analysis.compile_program(program, mesh)
-    flops = None
+    flops = factor = None
     if no_remat is not None:
       (plain,) = programs.build(no_remat, mesh, (program.name,))
-      flops = analysis.model_flops(plain) / len(devices)
+      total, once = analysis.model_flops(plain)
+      flops, factor = total / len(devices), (total / once if once else 1.0)
     row = Row(name=program.name, what=program.what, params_bytes=program.params_bytes,
               optim_bytes=program.optim_bytes, batch_bytes=program.batch_bytes,
               compiled=compiled, hbm_bytes=chip.hbm_bytes // per_chip,
               peak_flops=chip.peak_bf16_flops / per_chip,
-              hbm_bytes_per_s=chip.hbm_bytes_per_s / per_chip, model_flops=flops)
+              hbm_bytes_per_s=chip.hbm_bytes_per_s / per_chip, model_flops=flops,
+              loop_factor=factor)
     rows.append(row)
     if report:
       report(row)
@@ -116,7 +125,7 @@ def format_row(row: Row) -> str:
   """One line of the plan's table: GiB per device, TFLOP per device, estimates marked."""
   c = row.compiled
   seconds, source = row.step_seconds
-  mark = "" if source == "compiler" else "r"
+  mark = ("" if source.startswith("compiler") else "r") + ("*" if "loops" in source else "")
   util = f"{row.utilisation:5.0%}" if row.utilisation is not None else "    ?"
   model = f"{row.model_flops / 1e12:7.2f}" if row.model_flops else "      ?"
   coll = " ".join(f"{_SHORT[k]}={v / GiB:.2f}"
@@ -124,7 +133,7 @@ def format_row(row: Row) -> str:
   return (f"{row.name:<13} {row.params_bytes / GiB:7.2f} {row.optim_bytes / GiB:6.2f} "
           f"{row.batch_bytes / GiB:6.2f} {c.temp_bytes / GiB:6.2f} {c.total_bytes / GiB:6.2f} "
           f"{row.hbm_bytes / GiB:5.0f} {row.headroom:8.0%}  {c.compiler_flops / 1e12:7.2f} "
-          f"{seconds:7.3f}{mark:1} {model} {util}  {coll:<28} {c.seconds_to_compile:6.0f}s")
+          f"{seconds:7.3f}{mark:2} {model} {util}  {coll:<28} {c.seconds_to_compile:6.0f}s")
 
 
 LEGEND = (
@@ -132,11 +141,13 @@ LEGEND = (
     "frozen teacher; optim = optimiser states\n(both from shapes and the partition rules); batch "
     "= the step's inputs; temp = the compiler's temporaries; total = the compiled program's peak\n"
     "(inputs + outputs - donated + temp), against the chip's HBM. TFLOP = the compiler's FLOPs "
-    "(remat's recomputation included); step s = the\ncompiler's own step-time estimate, or, "
-    "marked r, the roofline of its counts (max of FLOPs / peak, bytes / HBM bandwidth); model = "
-    "the\nmodel's TFLOP (matmuls and convolutions of the step's math, no remat); util = model / "
-    "(step s x bf16 peak): an estimate, never a\nmeasurement. collectives: GiB of results of "
-    "each all-gather (ag), all-reduce (ar), reduce-scatter (rs), all-to-all (aa),\n"
-    "collective-permute (cp) as written in the program (a loop body counted once).")
+    "(remat's recomputation included, a loop body\ncounted once); step s = the compiler's own "
+    "step-time estimate, or, marked r, the roofline of its counts (max of FLOPs / peak,\nbytes / "
+    "HBM bandwidth), marked * when scaled by the loops' trip counts (model FLOPs per trip over "
+    "model FLOPs with each loop\nbody once); model = the model's TFLOP (matmuls and convolutions "
+    "of the step's math, no remat); util = model / (step s x bf16\npeak). Estimates, never "
+    "measurements. collectives: GiB of results of each all-gather (ag), all-reduce (ar),\n"
+    "reduce-scatter (rs), all-to-all (aa), collective-permute (cp) as written in the program (a "
+    "loop body counted once).")
 
 __all__ = ["PROGRAMS", "Row", "plan", "format_row", "HEADER", "LEGEND", "chips"]

@@ -89,15 +89,18 @@ def collective_bytes(hlo_text: str) -> dict:
   return out
 
 
-def model_flops(program) -> float:
-  """FLOPs of the program's matmuls and convolutions (dot_general, conv) as its jaxpr asks for
-  them, for the whole global batch: the model's FLOPs, counted without the recomputation that
-  remat adds and without elementwise work. Trace `program` from a config with remat off."""
+def model_flops(program) -> tuple:
+  """(FLOPs, FLOPs with each loop body counted once) of the program's matmuls and convolutions
+  (dot_general, conv) as its jaxpr asks for them, for the whole global batch: the model's
+  FLOPs, without the recomputation remat adds and without elementwise work (trace `program`
+  from a config with remat off). The second figure counts as XLA's cost analysis does (a loop
+  body once, whatever its trip count: stage 2's k critic updates, the micro-batches, a
+  sampler's steps); their ratio scales the compiler's estimates to the whole step."""
   jaxpr = jax.make_jaxpr(program.fn)(*program.args)
-  return _jaxpr_flops(jaxpr.jaxpr)
+  return _jaxpr_flops(jaxpr.jaxpr), _jaxpr_flops(jaxpr.jaxpr, per_trip=False)
 
 
-def _jaxpr_flops(jaxpr) -> float:
+def _jaxpr_flops(jaxpr, per_trip: bool = True) -> float:
   total = 0.0
   for eqn in jaxpr.eqns:
     prim = eqn.primitive.name
@@ -114,10 +117,11 @@ def _jaxpr_flops(jaxpr) -> float:
     subs = list(jax.extend.core.jaxprs_in_params(eqn.params))
     if not subs:
       continue
-    if prim == "scan":
-      total += eqn.params["length"] * sum(_jaxpr_flops(s) for s in subs)
+    inner = [_jaxpr_flops(s, per_trip) for s in subs]
+    if prim == "scan" and per_trip:
+      total += eqn.params["length"] * sum(inner)
     elif prim == "cond":
-      total += max(_jaxpr_flops(s) for s in subs)
+      total += max(inner)
     else:
-      total += sum(_jaxpr_flops(s) for s in subs)
+      total += sum(inner)
   return total
