@@ -90,6 +90,8 @@ def compile_one(config, topology, overrides, program, timeout_s) -> dict:
            f"--topology={topology}", f"--programs={program}", f"--json={out}", *overrides]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+    if proc.returncode == -9:  # SIGKILL: on a small host, the kernel's out-of-memory killer
+      return {"error": "killed (SIGKILL: host memory?)", "wall_s": time.time() - t0}
     if proc.returncode != 0:
       tail = [ln for ln in proc.stderr.splitlines()
               if ln.strip() and not ln.startswith(("W0", "E0"))]
