@@ -126,7 +126,7 @@ class Chain:
     workdir_lib.write_config(config, workdir)
     self.writer = writer or _make_writer(workdir)
     self._teacher = None
-    self._frozen_teacher = None  # (the teacher_params it was cast from, the cast copy)
+    self._frozen_teacher = None  # teacher_params in config.frozen_param_dtype, once cast
 
   def _check_inputs(self, ignore_workdir: bool) -> None:
     """Each stage to run finds its inputs, and they fit the model (read from metadata only).
@@ -216,10 +216,9 @@ class Chain:
     dtype = self.config.get("frozen_param_dtype", "float32")
     if dtype == "float32":  # as stored: no copy
       return self.teacher_params
-    if self._frozen_teacher is None or self._frozen_teacher[0] is not self.teacher_params:
-      cast = jax.jit(lambda p: common.frozen_copy(p, dtype))
-      self._frozen_teacher = (self.teacher_params, cast(self.teacher_params))
-    return self._frozen_teacher[1]
+    if self._frozen_teacher is None:
+      self._frozen_teacher = jax.jit(lambda p: common.frozen_copy(p, dtype))(self.teacher_params)
+    return self._frozen_teacher
 
   def _import_teacher(self):
     """config.teacher.init_checkpoint, a published SiT/DiT file, as the teacher's params in
@@ -291,7 +290,7 @@ class Chain:
       logging.warning("%s", e)
       return False
     if name == "teacher":
-      self._teacher = params
+      self._teacher, self._frozen_teacher = params, None  # the copy is cast again on use
     return True
 
   def run(self) -> dict:

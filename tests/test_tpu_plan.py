@@ -80,7 +80,7 @@ def test_tiny_steps_compile_for_a_v5e_slice_within_their_shapes(name):
   assert len(devices) == 4 and devices[0].platform == "tpu"
   mesh = sharding.make_mesh(2, 2, devices=devices)
   for program in programs_lib.build(config, mesh, STEPS):
-    compiled, _ = planning.analysis.compile_program(program, mesh)
+    compiled = planning.analysis.compile_program(program, mesh)
     assert compiled.compiler_flops > 0, program.name
     from_shapes = program.params_bytes + program.optim_bytes + program.batch_bytes
     padded = tiled_bytes(program.args, program.in_shardings)

@@ -96,7 +96,7 @@ def plan(config, topology: str, names=None, *, count_model_flops: bool = True,
       no_remat.model.remat = False
   rows = []
   for program in built:
-    compiled, _ = analysis.compile_program(program, mesh)
+    compiled = analysis.compile_program(program, mesh)
     flops = factor = None
     if no_remat is not None:
       (plain,) = programs.build(no_remat, mesh, (program.name,))

@@ -47,8 +47,8 @@ class Compiled:
     return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
 
 
-def compile_program(program, mesh) -> tuple:
-  """(Compiled, the compiled executable) of a planning.programs.Program on `mesh`."""
+def compile_program(program, mesh) -> Compiled:
+  """What the compiler planned for a planning.programs.Program on `mesh`."""
   step = jax.jit(program.fn, in_shardings=program.in_shardings,
                  out_shardings=program.out_shardings, donate_argnums=program.donate)
   t0 = time.time()
@@ -68,7 +68,7 @@ def compile_program(program, mesh) -> tuple:
       compiler_flops=float(cost.get("flops", 0.0)),
       bytes_accessed=float(cost.get("bytes accessed", 0.0)),
       optimal_seconds=float(optimal) if optimal is not None and optimal > 0 else None,
-      collective_bytes=collective_bytes(compiled.as_text())), compiled
+      collective_bytes=collective_bytes(compiled.as_text()))
 
 
 def collective_bytes(hlo_text: str) -> dict:
