@@ -89,6 +89,10 @@ def main(argv):
       json.dump({"topology": _TOPOLOGY.value, "config": config.name,
                  "rows": [r.to_dict() for r in rows]}, f, indent=1)
   worst = min(rows, key=lambda r: r.headroom)
+  if isinstance(worst, planning.NoFit):
+    print(f"\n{worst.name} does NOT fit {_TOPOLOGY.value}: {worst.message}; planned in "
+          f"{time.time() - t0:.0f} s")
+    return
   print(f"\nlargest: {worst.name}, {worst.compiled.total_bytes / 2**30:.2f} of "
         f"{worst.hbm_bytes / 2**30:.0f} GiB ({worst.headroom:.0%} headroom); "
         f"{'fits' if worst.headroom >= 0 else 'does NOT fit'}; planned in {time.time() - t0:.0f} s")

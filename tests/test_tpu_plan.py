@@ -8,6 +8,7 @@ import importlib.util
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -91,3 +92,31 @@ def test_tiny_steps_compile_for_a_v5e_slice_within_their_shapes(name):
     assert compiled.output_bytes - compiled.alias_bytes < 2 ** 20, (program.name, compiled)
     assert compiled.temp_bytes <= TEMP_PER_INPUT * padded, (program.name, compiled, padded)
     assert compiled.total_bytes < planning.chips.CHIPS["v5e"].hbm_bytes
+
+
+def test_a_program_too_large_for_the_chip_is_a_finding_not_a_crash():
+  """The compiler refuses a program whose temporaries exceed the chip's HBM: the planner
+  reports its message in a NoFit row and goes on to the next program."""
+  devices = planning.chips.slice_devices(TOPOLOGY)
+  mesh = sharding.make_mesh(1, 4, devices=devices)
+  replicated = sharding.replicated(mesh)
+  n = 60_000  # a replicated 60000^2 float32 input (13.4 GiB) and its products: over 16 GiB
+
+  def fn(a):
+    b = jnp.sin(a)
+    c = jnp.cos(a) * b
+    return (b @ c.T).sum() + (jnp.exp(c) @ a.T).sum()
+
+  big = programs_lib.Program(
+      name="too_large", what="60000^2 temporaries on every chip", fn=fn,
+      args=(jax.ShapeDtypeStruct((n, n), jnp.float32),), in_shardings=(replicated,),
+      out_shardings=replicated, donate=())
+  with pytest.raises(planning.analysis.DoesNotFit, match="exceeds available HBM"):
+    planning.analysis.compile_program(big, mesh)
+  try:
+    planning.analysis.compile_program(big, mesh)
+  except planning.analysis.DoesNotFit as e:
+    row = planning.NoFit(name=big.name, what=big.what, params_bytes=0, optim_bytes=0,
+                         batch_bytes=0, hbm_bytes=planning.chips.CHIPS["v5e"].hbm_bytes,
+                         message=e.message, seconds_to_compile=e.seconds_to_compile)
+  assert "does NOT fit" in planning.format_row(row) and row.to_dict()["does_not_fit"]

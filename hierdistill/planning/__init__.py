@@ -76,11 +76,31 @@ class Row:
     return self.model_flops / (seconds * self.peak_flops)
 
 
+@dataclasses.dataclass
+class NoFit:
+  """A program the TPU compiler refused for the chip's HBM: the compiler's message instead of
+  its figures."""
+  name: str
+  what: str
+  params_bytes: int
+  optim_bytes: int
+  batch_bytes: int
+  hbm_bytes: int
+  message: str
+  seconds_to_compile: float
+  headroom = float("-inf")
+
+  def to_dict(self) -> dict:
+    return {**dataclasses.asdict(self), "does_not_fit": True,
+            "error": f"does not fit: {self.message}"}
+
+
 def plan(config, topology: str, names=None, *, count_model_flops: bool = True,
          report: Optional[Callable[[Row], None]] = None) -> list:
   """Compiles the programs `names` (default: every program the configured chain runs) of
-  `config` for the slice `topology` and returns a Row each; `report(row)` is called as each is
-  done (compiles of full-size networks take minutes)."""
+  `config` for the slice `topology` and returns a Row each (a NoFit where the compiler finds
+  the program too large for the chip); `report(row)` is called as each is done (compiles of
+  full-size networks take minutes)."""
   devices = chips.slice_devices(topology)
   chip = chips.chip_of(topology)
   per_chip = len(devices) // len({tuple(d.coords) for d in devices})  # v4: 2 cores, 2 devices
@@ -96,7 +116,16 @@ def plan(config, topology: str, names=None, *, count_model_flops: bool = True,
       no_remat.model.remat = False
   rows = []
   for program in built:
-    compiled = analysis.compile_program(program, mesh)
+    try:
+      compiled = analysis.compile_program(program, mesh)
+    except analysis.DoesNotFit as e:
+      rows.append(NoFit(name=program.name, what=program.what, params_bytes=program.params_bytes,
+                        optim_bytes=program.optim_bytes, batch_bytes=program.batch_bytes,
+                        hbm_bytes=chip.hbm_bytes // per_chip, message=e.message,
+                        seconds_to_compile=e.seconds_to_compile))
+      if report:
+        report(rows[-1])
+      continue
     flops = factor = None
     if no_remat is not None:
       (plain,) = programs.build(no_remat, mesh, (program.name,))
@@ -121,8 +150,12 @@ HEADER = (f"{'program':<13} {'params':>7} {'optim':>6} {'batch':>6} {'temp':>6} 
           f"{'collectives GiB':<28} {'compile':>7}")
 
 
-def format_row(row: Row) -> str:
+def format_row(row) -> str:
   """One line of the plan's table: GiB per device, TFLOP per device, estimates marked."""
+  if isinstance(row, NoFit):
+    return (f"{row.name:<13} {row.params_bytes / GiB:7.2f} {row.optim_bytes / GiB:6.2f} "
+            f"{row.batch_bytes / GiB:6.2f}  does NOT fit (the compiler: {row.message})  "
+            f"{row.seconds_to_compile:6.0f}s")
   c = row.compiled
   seconds, source = row.step_seconds
   mark = ("" if source.startswith("compiler") else "r") + ("*" if "loops" in source else "")
@@ -150,4 +183,4 @@ LEGEND = (
     "reduce-scatter (rs), all-to-all (aa), collective-permute (cp) as written in the program (a "
     "loop body counted once).")
 
-__all__ = ["PROGRAMS", "Row", "plan", "format_row", "HEADER", "LEGEND", "chips"]
+__all__ = ["PROGRAMS", "Row", "NoFit", "plan", "format_row", "HEADER", "LEGEND", "chips"]

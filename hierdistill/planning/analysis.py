@@ -47,13 +47,29 @@ class Compiled:
     return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
 
 
+class DoesNotFit(Exception):
+  """The TPU compiler refused a program: it needs more HBM than the chip has. The message is
+  the compiler's (what its temporaries need against the HBM available)."""
+
+  def __init__(self, message: str, seconds_to_compile: float):
+    super().__init__(message)
+    self.message, self.seconds_to_compile = message, seconds_to_compile
+
+
 def compile_program(program, mesh) -> Compiled:
-  """What the compiler planned for a planning.programs.Program on `mesh`."""
+  """What the compiler planned for a planning.programs.Program on `mesh`; DoesNotFit if the
+  compiler found it too large for the chip's HBM."""
   step = jax.jit(program.fn, in_shardings=program.in_shardings,
                  out_shardings=program.out_shardings, donate_argnums=program.donate)
   t0 = time.time()
-  # Traced under the mesh, as the training loop traces it (sharding.under_mesh).
-  compiled = sharding.under_mesh(lambda: step.lower(*program.args).compile(), mesh)()
+  try:
+    # Traced under the mesh, as the training loop traces it (sharding.under_mesh).
+    compiled = sharding.under_mesh(lambda: step.lower(*program.args).compile(), mesh)()
+  except jax.errors.JaxRuntimeError as e:
+    line = str(e).strip().splitlines()[0]
+    if "RESOURCE_EXHAUSTED" in line and "HBM" in line:
+      raise DoesNotFit(line.replace("RESOURCE_EXHAUSTED: ", ""), time.time() - t0) from None
+    raise
   seconds = time.time() - t0
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
