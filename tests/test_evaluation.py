@@ -129,6 +129,31 @@ def test_mode_coverage_all_and_half_modes():
   assert evaluation.mode_coverage(np.zeros((100, 2)), modes, std) == 0.0
 
 
+def test_class_coverage_sees_a_dropped_class_that_labels_would_hide():
+  data = np.repeat(np.arange(4), [40, 30, 20, 10])  # an uneven data set: shares .4 .3 .2 .1
+  q = evaluation.class_histogram(data, 4)
+  np.testing.assert_allclose(q, [0.4, 0.3, 0.2, 0.1])
+  assert evaluation.class_coverage(q, q) == 1.0 and evaluation.total_variation(q, q) == 0.0
+  # Class 3 drawn at 4% against the data's 10%: under half its rate, so dropped; the 6% of
+  # samples moved to class 0 is the total variation.
+  p = evaluation.class_histogram(np.repeat(np.arange(4), [46, 30, 20, 4]), 4)
+  assert evaluation.class_coverage(p, q) == 0.75
+  assert evaluation.total_variation(p, q) == pytest.approx(0.06)
+  # Unassigned samples (-1: a point near no mode) are left out of the shares.
+  np.testing.assert_allclose(evaluation.class_histogram(np.array([-1, 0, 1, 1]), 2), [1 / 3, 2 / 3])
+  assert evaluation.total_variation([1.0, 0.0], [0.0, 1.0]) == 1.0
+
+
+def test_reference_scorer_coverage_of_points_follows_the_modes(tmp_path):
+  from hierdistill.evaluation.embedded import ReferenceScorer
+  x, y = toy2d.sample(0, 2000, "8gaussians")
+  scorer = ReferenceScorer(x, "8gaussians", str(tmp_path), conditional=False)
+  assert scorer(x[:800], None)["class_coverage"] == 1.0
+  half = scorer(x[y < 4], None)
+  assert half["class_coverage"] == 0.5
+  assert half["class_tv"] == pytest.approx(0.5, abs=0.03)
+
+
 # ---------------------------------------------------------------------------------------------
 # Digits classifier
 

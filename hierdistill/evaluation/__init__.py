@@ -6,6 +6,8 @@ One concept a file:
   precision_recall.py  precision_recall (Kynkaanniemi et al. 2019, k-NN manifolds, blocked in JAX)
   accuracy.py          class_accuracy (does a class-conditional sample show its class?)
   modes.py             mode_coverage, off_mode_fraction (2-D mixtures of Gaussians)
+  coverage.py          class_histogram, class_coverage, total_variation (per-class coverage:
+                       the samples' label histogram against the data's; mode dropping)
   feature_net.py       load_or_train_digits_classifier, compute_features
   grids.py             save_image_grid, scatter_png (PNG, pillow only)
   token_weights.py     overlay_image, token_weight_stats (where the AWD's token weights land)
@@ -22,6 +24,9 @@ Typical digits evaluation:
     acc = evaluation.class_accuracy(logits, sample_labels)
 """
 from hierdistill.evaluation.accuracy import class_accuracy
+from hierdistill.evaluation.coverage import class_coverage
+from hierdistill.evaluation.coverage import class_histogram
+from hierdistill.evaluation.coverage import total_variation
 from hierdistill.evaluation.feature_net import compute_features
 from hierdistill.evaluation.feature_net import load_or_train_digits_classifier
 from hierdistill.evaluation.frechet import feature_statistics
@@ -39,8 +44,8 @@ from hierdistill.evaluation.modes import off_mode_fraction
 from hierdistill.evaluation.precision_recall import precision_recall
 
 __all__ = [
-    "assign_modes", "class_accuracy", "compute_features", "feature_statistics",
+    "assign_modes", "class_accuracy", "class_coverage", "class_histogram", "compute_features", "feature_statistics",
     "frechet_distance", "frechet_distance_from_features", "image_grid", "inception_score",
     "load_or_train_digits_classifier", "mode_counts", "mode_coverage", "off_mode_fraction",
-    "precision_recall", "save_image_grid", "scatter_image", "scatter_png",
+    "precision_recall", "save_image_grid", "scatter_image", "scatter_png", "total_variation",
 ]

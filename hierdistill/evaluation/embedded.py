@@ -4,7 +4,8 @@ Columns for images: FD in the feature space of the set's own classifier (feature
 "FD-digits", "FD-fashion", never FID), precision and recall (k = 3), the Inception Score formula
 over that classifier's labels ("IS-digits", "IS-fashion"), class accuracy of class-conditional
 samples. For 2-D points: FD on the raw coordinates, precision/recall, mode coverage, off-mode
-share. The reference set is the training split, or a fixed subset of config.eval.reference_size
+share. For both, per-class coverage (coverage.py): the samples' label histogram (the
+classifier's labels; for points, the nearest mode) against the reference data's. The reference set is the training split, or a fixed subset of config.eval.reference_size
 examples of it (the k-NN radii of precision/recall cost O(N^2): 60,000 Fashion-MNIST images
 would take about a minute a row on a 2-core CPU, 10,000 take 2 s). Samples are drawn on the mesh,
 features and metrics computed on the host.
@@ -21,6 +22,7 @@ from hierdistill import conditions as cond_lib
 from hierdistill import evaluation as ev
 from hierdistill import sharding as shard_lib
 from hierdistill.data import toy2d
+from hierdistill.evaluation import coverage
 from hierdistill.evaluation import driver
 from hierdistill.evaluation import feature_net
 
@@ -84,9 +86,26 @@ class ReferenceScorer:
       self.features = lambda x: ev.compute_features(apply_fn, x)
       suffix = feature_net.CLASSIFIERS[dataset_name].metric_suffix
       self.feature_name, self.is_name = f"FD-{suffix}", f"IS-{suffix}"
-    self.ref_features, _ = self.features(reference_x)
+    self.ref_features, ref_logits = self.features(reference_x)
     self.ref_stats = ev.feature_statistics(self.ref_features)
     self.reference_size = len(reference_x)
+    self.num_labels = len(self.modes) if self.is_points else ref_logits.shape[-1]
+    self.ref_histogram = coverage.class_histogram(
+        self._labels(reference_x, ref_logits), self.num_labels)
+
+  def _labels(self, samples: np.ndarray, logits: Optional[np.ndarray]) -> np.ndarray:
+    """The class each sample is seen as: the classifier's argmax, or a point's nearest mode
+    (-1 when it is near none)."""
+    if self.is_points:
+      return ev.assign_modes(samples, self.modes, self.std)
+    return np.argmax(np.asarray(logits), axis=-1)
+
+  def class_histogram(self, samples: np.ndarray, logits: Optional[np.ndarray] = None
+                      ) -> np.ndarray:
+    """The samples' label histogram (K,), comparable with self.ref_histogram."""
+    if logits is None and not self.is_points:
+      _, logits = self.features(samples)
+    return coverage.class_histogram(self._labels(samples, logits), self.num_labels)
 
   def __call__(self, samples: np.ndarray, labels: Optional[np.ndarray]) -> dict:
     """The metric columns; labels: the class each sample was asked for (None: not scored)."""
@@ -103,6 +122,9 @@ class ReferenceScorer:
     if self.is_points:
       row["mode_coverage"] = ev.mode_coverage(samples, self.modes, self.std)
       row["off_mode_fraction"] = ev.off_mode_fraction(samples, self.modes, self.std)
+    histogram = self.class_histogram(samples, logits)
+    row["class_coverage"] = coverage.class_coverage(histogram, self.ref_histogram)
+    row["class_tv"] = coverage.total_variation(histogram, self.ref_histogram)
     return {k: float(v) for k, v in row.items()}
 
 
