@@ -129,3 +129,14 @@ def base_config() -> ml_collections.ConfigDict:
       reference_size=0,
       teacher_steps=(50, 1, 2, 4), student_steps=(1, 2)))
   return c
+
+
+def without_labels(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The same experiment with its labels dropped: one class, so a generator that drops a mode
+  (a digit, a garment) is not held to it by its label, and per-class coverage shows it
+  (evaluation/coverage.py). With one class there is no null condition to guide against, so the
+  teacher trains without condition dropout and every guidance scale is 1."""
+  c.data.unconditional = True
+  c.model.update(num_classes=1, class_dropout_prob=0.0)
+  c.trajectory.cfg_scale = c.distribution.cfg_scale = c.sample.cfg_scale = 1.0
+  return c

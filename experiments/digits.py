@@ -2,9 +2,11 @@
 
 A DiT of width 64, depth 4, 4 heads, patch 2 (16 tokens, 0.3M parameters). The whole chain
 (teacher, stage 1, stage 2, eval) runs on a 2-core laptop CPU in minutes.
-Variants (the arg after the colon): 'tiny' shrinks every stage to a few steps, for tests.
+Variants (the arg after the colon, comma-joined): 'tiny' shrinks every stage to a few steps,
+for tests; 'unconditional' drops the labels (common.without_labels: mode dropping shows).
 """
 from experiments.common import base_config
+from experiments.common import without_labels
 
 
 def get_config(arg=None):
@@ -16,7 +18,13 @@ def get_config(arg=None):
   # moved the one-step result (FD-digits 9.7, twice the teacher's). Measured on seed 0, 400 steps
   # (benchmarks/README.md): 3e-2 -> 7.1, 0.3 -> 3.3, 0.9 -> 2.6, 3.0 -> 2.4.
   c.distribution.gen_adv_weight = 0.9
-  if arg == "tiny":
+  options = set(arg.split(",")) if arg else set()
+  if options - {"tiny", "unconditional"}:
+    raise ValueError(f"experiments/digits.py: unknown variant {arg!r}; use 'tiny', "
+                     "'unconditional', both comma-joined, or nothing.")
+  if "unconditional" in options:
+    without_labels(c)
+  if "tiny" in options:
     for stage in (c.teacher, c.trajectory, c.distribution):
       stage.num_steps, stage.batch_size = 4, 16
       stage.log_every, stage.checkpoint_every = 1, 2
@@ -24,6 +32,4 @@ def get_config(arg=None):
     c.distribution.discriminator.hidden = 16
     c.sample.update(grid_size=20, teacher_steps=4)
     c.eval.update(num_samples=64, batch_size=32, teacher_steps=(4, 1), student_steps=(1,))
-  elif arg:
-    raise ValueError(f"experiments/digits.py: unknown variant {arg!r}; use 'tiny' or nothing.")
   return c

@@ -12,9 +12,11 @@ stage 1 3.0 steps/s, stage 2 0.8 steps/s (k = 2); width 96 ran 3.9 / 2.2 steps/s
 teacher steps the 50-step grid shows every class's shape, blocky at the patch edges.
 Metrics: FD-fashion etc. in the feature space of the set's own classifier, against a fixed
 10,000-image subset of the training split.
-Variants (the arg after the colon): 'tiny' shrinks every stage to a few steps, for tests.
+Variants (the arg after the colon, comma-joined): 'tiny' shrinks every stage to a few steps,
+for tests; 'unconditional' drops the labels (common.without_labels: mode dropping shows).
 """
 from experiments.common import base_config
+from experiments.common import without_labels
 
 
 def get_config(arg=None):
@@ -35,7 +37,13 @@ def get_config(arg=None):
   c.sample.update(grid_size=100, teacher_steps=50)
   # The k-NN radii of precision/recall grow as N^2: 10,000 reference images, not 60,000.
   c.eval.update(num_samples=1000, batch_size=500, reference_size=10000)
-  if arg == "tiny":
+  options = set(arg.split(",")) if arg else set()
+  if options - {"tiny", "unconditional"}:
+    raise ValueError(f"experiments/fashion.py: unknown variant {arg!r}; use 'tiny', "
+                     "'unconditional', both comma-joined, or nothing.")
+  if "unconditional" in options:
+    without_labels(c)
+  if "tiny" in options:
     for stage in (c.teacher, c.trajectory, c.distribution):
       stage.num_steps, stage.batch_size = 4, 8
       stage.log_every, stage.checkpoint_every = 1, 2
@@ -44,6 +52,4 @@ def get_config(arg=None):
     c.sample.update(grid_size=20, teacher_steps=4)
     c.eval.update(num_samples=32, batch_size=16, reference_size=0, teacher_steps=(4, 1),
                   student_steps=(1,))
-  elif arg:
-    raise ValueError(f"experiments/fashion.py: unknown variant {arg!r}; use 'tiny' or nothing.")
   return c

@@ -242,6 +242,21 @@ def test_toy2d_chain_runs_with_mode_metrics(tmp_path):
     assert 0 <= row["mode_coverage"] <= 1 and 0 <= row["off_mode_fraction"] <= 1
 
 
+def test_unconditional_digits_chain_scores_class_coverage(tmp_path, data_dir):
+  """Digits without labels (common.without_labels): one class, no guidance; its eval rows carry
+  the per-class coverage of the samples against the data's, and no class accuracy."""
+  config = digits.get_config("tiny,unconditional")
+  assert config.model.num_classes == 1 and config.distribution.cfg_scale == 1.0
+  config.data.data_dir = data_dir
+  summary = pipeline.run(config, str(tmp_path / "run"), devices=jax.devices()[:1],
+                         writer=RecordingWriter())
+  for row in summary["eval"]["rows"]:
+    assert "class_accuracy" not in row
+    assert 0 <= row["class_coverage"] <= 1 and 0 <= row["class_tv"] <= 1
+  with pytest.raises(ValueError, match="unknown variant 'tiny,labelless'"):
+    digits.get_config("tiny,labelless")
+
+
 def test_a_missing_published_teacher_file_is_named(tmp_path, data_dir):
   """A teacher given as a published file (imported by convert/) is looked for before anything
   compiles, for every experiment, not only ImageNet."""
