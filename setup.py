@@ -50,5 +50,8 @@ setup(
         # jax's own extra pins the libtpu that matches the jax installed; on a TPU VM it is
         # also what runs the programs. libtpu ships for Linux only.
         "tpu": ["jax[tpu]; sys_platform == 'linux'"],
+        # For the benchmarks' plots only (benchmarks/hd_curves.py draws its curves with it);
+        # nothing in hierdistill imports it.
+        "bench": ["matplotlib>=3.7"],
     },
 )

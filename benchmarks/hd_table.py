@@ -59,11 +59,16 @@ VARIANTS = {
     "HD + mean-pooled discriminator": {"discriminator.pooling": "mean"},
     "HD + AWD": {},
 }
+# Per-class coverage (class_coverage, class_tv: evaluation/coverage.py) in every row: the
+# samples' label histogram against the data's, where mode dropping shows when no label hides it.
 METRICS = {
-    "digits": ("FD-digits", "precision", "recall", "class_accuracy"),
+    "digits": ("FD-digits", "precision", "recall", "class_accuracy", "class_coverage",
+               "class_tv"),
     # FD-fashion: the Frechet distance in Fashion-MNIST's own classifier's features (not FID).
-    "fashion": ("FD-fashion", "precision", "recall", "class_accuracy"),
-    "toy2d": ("FD-points", "precision", "recall", "mode_coverage", "off_mode_fraction"),
+    "fashion": ("FD-fashion", "precision", "recall", "class_accuracy", "class_coverage",
+                "class_tv"),
+    "toy2d": ("FD-points", "precision", "recall", "mode_coverage", "off_mode_fraction",
+              "class_tv"),
 }
 
 
@@ -115,19 +120,35 @@ def _train(config, workdir, stages):
   return times
 
 
+def slug(name: str) -> str:
+  """A row's name as a file name: 'HD + AWD' -> 'HD_plus_AWD'."""
+  return name.replace(" ", "_").replace(",", "").replace("+", "plus")
+
+
+def train_base(seed: int) -> tuple[str, dict]:
+  """The seed's teacher and stage 1 under --workdir (trained once, then reused by every script
+  that builds on this one): (their workdir, their wall times)."""
+  base_dir = os.path.join(_WORKDIR.value, _experiment_name(), f"seed{seed}", "base")
+  return base_dir, _train(_config(seed), base_dir, ("teacher", "trajectory"))
+
+
+def copy_base(base_dir: str, vdir: str) -> None:
+  """The shared upstream (teacher, stage 1) copied into a stage-2 run's workdir, once."""
+  for stage in ("teacher", "trajectory"):
+    if not os.path.exists(os.path.join(vdir, stage)):
+      shutil.copytree(os.path.join(base_dir, stage), os.path.join(vdir, stage))
+
+
 def run_seed(seed: int, out_dir: str) -> list[dict]:
   from hierdistill import awd_view, pipeline  # pylint: disable=g-import-not-at-top
   from hierdistill.evaluation.embedded import Evaluator  # pylint: disable=g-import-not-at-top
 
   root = os.path.join(_WORKDIR.value, _experiment_name(), f"seed{seed}")
-  base_dir = os.path.join(root, "base")
-  base_times = _train(_config(seed), base_dir, ("teacher", "trajectory"))
+  base_dir, base_times = train_base(seed)
   variant_times = {}
   for name, overrides in VARIANTS.items():
-    vdir = os.path.join(root, name.replace(" ", "_").replace(",", "").replace("+", "plus"))
-    for stage in ("teacher", "trajectory"):  # the shared upstream, copied once
-      if not os.path.exists(os.path.join(vdir, stage)):
-        shutil.copytree(os.path.join(base_dir, stage), os.path.join(vdir, stage))
+    vdir = os.path.join(root, slug(name))
+    copy_base(base_dir, vdir)
     variant_times[name] = (vdir, _train(_apply(_config(seed), overrides), vdir,
                                         ("distribution",)).get("distribution", float("nan")))
 
@@ -146,8 +167,8 @@ def run_seed(seed: int, out_dir: str) -> list[dict]:
       name, steps = row["model"].split(" (")[0], row["model"].rsplit(" (", 1)[1].rstrip(")")
       if name == "teacher" or steps != "1 step":  # rows that differ only by the step count
         name = f"{name} {steps}"
-      slug = name.replace(" ", "_").replace(",", "").replace("+", "plus")
-      grid_paths[row["model"]] = os.path.join(out_dir, f"{_EXPERIMENT.value}_{slug}.png")
+      grid_paths[row["model"]] = os.path.join(out_dir,
+                                              f"{_EXPERIMENT.value}_{slug(name)}.png")
       chain.source.save_grid(ev.last_samples[:int(chain.config.sample.grid_size)],
                              grid_paths[row["model"]])
 
@@ -194,7 +215,9 @@ def side_by_side(paths: list[str], out_path: str, gap: int = 16) -> None:
 
 
 def table(per_seed: list[list[dict]]) -> str:
-  cols = METRICS[_EXPERIMENT.value] + ("nfe", "train_s")
+  # An unconditional variant has no class_accuracy: only the columns every row has.
+  cols = tuple(c for c in METRICS[_EXPERIMENT.value] + ("nfe", "train_s")
+               if all(c in row for rows in per_seed for row in rows))
   lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
   for i, row in enumerate(per_seed[0]):
     cells = []

@@ -189,6 +189,57 @@ def flops_only(config, nets, args, shape) -> dict:
   return {"stage1 FLOPs/fm FLOPs (student only)": s1 / fm}
 
 
+def forwards_per_step(config, nets, shape) -> dict:
+  """One train step of each distillation stage of `config`, in forward passes of its student at
+  the stage's batch: the "in forwards" unit of the tables this script prints, from XLA's cost
+  analysis of the steps compiled (never run) for this config, on abstract inputs.
+
+  Returns {'trajectory': ..., 'distribution': ...}. Stage 2's scan over its k critic updates is
+  counted k times (XLA counts a loop's body once). hd_curves.py draws training cost with it.
+  """
+  key = jax.random.PRNGKey(0)
+  ex_x = jnp.zeros((1,) + tuple(shape), jnp.float32)
+  ex_c = jax.tree.map(jnp.asarray, nets.conditions.example(1))
+  teacher = nets.abstract_params(shape, student=False)
+  student = nets.abstract_params(shape, student=True)
+  frozen = {"teacher": teacher}
+
+  def batch_of(b, rows=0):
+    x = jax.ShapeDtypeStruct((b,) + ((rows,) if rows else ()) + tuple(shape), jnp.float32)
+    c = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+        (b,) + ((rows,) if rows else ()) + a.shape[1:], a.dtype), nets.conditions.abstract(b))
+    return {"x": x, "c": c}
+
+  def forward_flops(b):
+    z, t = jax.ShapeDtypeStruct((b,) + tuple(shape), jnp.float32), jax.ShapeDtypeStruct(
+        (b,), jnp.float32)
+    return _flops(jax.jit(lambda p, z, t, c: common.apply_model(nets.student, p, z, t, t, c))
+                  .lower(student, z, t, nets.conditions.abstract(b)).compile())
+
+  out = {}
+  b1 = int(config.trajectory.batch_size)
+  stage1 = TrajectoryStage(config, nets.student, nets.teacher, nets.conditions)
+  state1 = jax.eval_shape(lambda r, i: stage1.init(r, ex_x, ex_c, i), key, frozen)
+  out["trajectory"] = _flops(jax.jit(stage1.train_step).lower(
+      state1, frozen, batch_of(b1)).compile()) / forward_flops(b1)
+
+  b2 = int(config.distribution.batch_size)
+  stage2 = DistributionStage(config, nets.student, nets.teacher, nets.discriminator,
+                             nets.conditions)
+  k = stage2.k
+  state2 = jax.eval_shape(lambda r, i: stage2.init(r, ex_x, ex_c, i), key,
+                          {"generator": student, "teacher": teacher})
+  step_flops = _flops(jax.jit(stage2.train_step).lower(
+      state2, frozen, batch_of(b2, k + 1)).compile())
+  one = batch_of(b2)
+  draws = jax.eval_shape(stage2.critic_draws, key, one["x"])
+  critic_flops = _flops(jax.jit(jax.value_and_grad(stage2.critic_loss, has_aux=True)).lower(
+      (state2.fake_params, state2.disc_params), state2.params, teacher, one["x"], one["c"],
+      draws).compile())
+  out["distribution"] = (step_flops + (k - 1) * critic_flops) / forward_flops(b2)
+  return out
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   add_model_flags(parser)

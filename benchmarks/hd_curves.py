@@ -1,0 +1,421 @@
+"""Curves, not points: each stage-2 variant of hd_table.py read every --every steps to --steps.
+
+For each seed, the teacher and stage 1 of hd_table.py (trained once under its --workdir, reused)
+start every stage-2 variant: HD + AWD, HD + mean-pooled head, HD without the adversarial term,
+DMD + AWD from the teacher, DMD only. Each variant trains once to --steps with a checkpoint every
+--every steps, all kept; the EMA generator of each checkpoint (and the start, step 0) is scored
+in one and two steps with the same noise, labels, reference set, feature net and sample count as
+hd_table.py: FD, precision, recall, and per-class coverage (evaluation/coverage.py).
+
+Training cost: each point's stage-2 steps times the stage-2 step's cost, plus stage 1's whole
+run for the variants that start from it, in forward passes of the student at the stage's batch,
+the unit of step_cost.py (step_cost.forwards_per_step: XLA's FLOPs of this config's compiled
+steps). The teacher, shared by every variant, is not counted.
+
+  python benchmarks/hd_curves.py --experiment=digits --seeds=0
+  python benchmarks/hd_curves.py --experiment=digits --seeds=0 --weights=0.3,0.9,3.0  # the sweep
+  python benchmarks/hd_curves.py --experiment=digits --seeds=1,2 --weights=best
+  python benchmarks/hd_curves.py --experiment=digits --variant=unconditional --seeds=0
+  python benchmarks/hd_curves.py --experiment=digits --seeds=0,1,2 --plot_only
+
+--weights: the adversarial weights (config.distribution.gen_adv_weight) of the variants that have
+the adversarial term; 'best' takes, per variant, the weight whose one-step FD at --steps was the
+lowest on --choose_seed (run the sweep there first), so no row rests on a weight tuned for
+another. Variants without the term run once whatever --weights says.
+
+Everything resumes: a run trains in chunks of --chunk steps (a killed chunk resumes from its last
+checkpoint) and its scored points are kept in points.json beside it, so a rerun trains and
+scores only what is missing. Writes under --out/<experiment>: curves.md (the table), curves.json
+(every point of every seed), PNG plots (FD against stage-2 step and against training cost, two
+steps, recall and class coverage; seeds as bands: mean and min-max), step_cost.json.
+'train_s' is a run's stage-2 wall time (the chunks that trained, on the machine as it was).
+"""
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+import numpy as np  # noqa: E402
+
+# hd_table's flags: --experiment, --variant, --set, --seeds, and --workdir (where the teacher
+# and stage 1 of each seed are trained once).
+from benchmarks import hd_table  # noqa: E402
+
+_SEEDS = hd_table._SEEDS
+_VARIANTS = flags.DEFINE_list("variants", list(hd_table.VARIANTS),
+                              "Stage-2 variants (names of hd_table.VARIANTS).")
+_WEIGHTS = flags.DEFINE_list("weights", [], "Adversarial weights to run the adversarial variants "
+                             "at; empty = the experiment's; 'best' = chosen on --choose_seed.")
+_CHOOSE_SEED = flags.DEFINE_integer("choose_seed", 0, "The seed --weights=best reads.")
+_STEPS = flags.DEFINE_integer("steps", 1200, "Stage-2 steps of every run.")
+_EVERY = flags.DEFINE_integer("every", 100, "Score (and checkpoint) every this many steps.")
+_CHUNK = flags.DEFINE_integer("chunk", 400, "Train this many steps, then score what they left.")
+_NFE = flags.DEFINE_list("nfe", ["1", "2"], "Sampling steps each point is scored at.")
+_OUT = flags.DEFINE_string("out", "runs/hd_curves", "Where the runs, tables and plots go.")
+_PLOT_ONLY = flags.DEFINE_bool("plot_only", False, "Train and score nothing: tables and plots "
+                               "from the points scored so far.")
+
+
+def default_weight(seed: int) -> float:
+  return float(hd_table._config(seed).distribution.gen_adv_weight)
+
+
+def is_adversarial(variant: str, seed: int) -> bool:
+  return hd_table.VARIANTS[variant].get("gen_adv_weight", default_weight(seed)) > 0
+
+
+def runs_of(seed: int) -> list[tuple[str, float | None]]:
+  """(variant, adversarial weight or None for the experiment's own) pairs to run on `seed`."""
+  default = default_weight(seed)
+  out = []
+  for variant in _VARIANTS.value:
+    if variant not in hd_table.VARIANTS:
+      raise ValueError(f"unknown variant {variant!r}; choose from {list(hd_table.VARIANTS)}")
+    if not is_adversarial(variant, seed) or not _WEIGHTS.value:
+      weights = [None]
+    elif _WEIGHTS.value == ["best"]:
+      weights = [best_weight(variant)]
+    else:
+      weights = [float(w) for w in _WEIGHTS.value]
+    out += [(variant, None if w is None or w == default else w) for w in weights]
+  return out
+
+
+def run_name(variant: str, weight: float | None) -> str:
+  return variant if weight is None else f"{variant} @ adv {weight:g}"
+
+
+def experiment_dir() -> str:
+  return os.path.join(_OUT.value, hd_table._experiment_name())
+
+
+def run_dir(seed: int, variant: str, weight: float | None) -> str:
+  suffix = "" if weight is None else f"_adv{weight:g}"
+  return os.path.join(experiment_dir(), f"seed{seed}", hd_table.slug(variant) + suffix)
+
+
+def run_config(seed: int, variant: str, weight: float | None, num_steps: int):
+  config = hd_table._apply(hd_table._config(seed), hd_table.VARIANTS[variant])
+  if weight is not None:
+    config.distribution.gen_adv_weight = weight
+  d = config.distribution
+  d.num_steps, d.checkpoint_every, d.log_every = num_steps, _EVERY.value, _EVERY.value
+  d.keep = None  # every checkpoint is a point of the curve
+  return config
+
+
+def load_points(path: str) -> dict:
+  return json.load(open(path)) if os.path.exists(path) else {"points": [], "chunks": {}}
+
+
+def save_json(obj, path: str) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)  # a killed run never leaves half a file
+
+
+def ema_params_at(vdir: str, step: int, abstract, shardings):
+  """The EMA generator of stage 2's checkpoint at `step`, as the export would hold it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = epath.Path(os.path.abspath(
+      os.path.join(vdir, "distribution", "checkpoints", str(step), "state")))
+  state = ocp.StandardCheckpointHandler().restore(path)  # as saved: only its EMA part is read
+  ema = state["ema_params"]
+  if jax.tree.structure(ema) != jax.tree.structure(abstract):
+    raise ValueError(f"{path}: its ema_params do not have the generator's structure")
+  return jax.tree.map(lambda a, s: jax.device_put(np.asarray(a), s), ema, shardings)
+
+
+def train_and_score(seed: int, variant: str, weight, base_dir: str, ev, samplers) -> dict:
+  """Trains the run in chunks to --steps, scoring each new checkpoint; returns points.json."""
+  from hierdistill import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from hierdistill import pipeline  # pylint: disable=g-import-not-at-top
+  from hierdistill.evaluation import driver  # pylint: disable=g-import-not-at-top
+
+  vdir = run_dir(seed, variant, weight)
+  hd_table.copy_base(base_dir, vdir)
+  path = os.path.join(vdir, "points.json")
+  record = load_points(path)
+  record.update(run=run_name(variant, weight), variant=variant, seed=seed,
+                gen_adv_weight=weight if weight is not None else default_weight(seed))
+  every, total = _EVERY.value, _STEPS.value
+  targets = sorted({min(c, total) for c in range(_CHUNK.value, total + _CHUNK.value,
+                                                 _CHUNK.value)})
+  for target in targets:
+    saved = ckpt_lib.saved_steps(vdir, "distribution")
+    if not (saved and saved[-1] >= target):
+      config = run_config(seed, variant, weight, target)
+      t0 = time.time()
+      hd_table._train(config, vdir, ("distribution",))
+      record["chunks"][str(target)] = round(time.time() - t0, 1)
+      save_json(record, path)
+    config = run_config(seed, variant, weight, target)
+    chain = pipeline.Chain(config, vdir)
+    abstract, shardings = chain.exported_shapes("distribution")
+    done = {(p["step"], p["nfe"]) for p in record["points"]}
+    steps = [0] + [s for s in ckpt_lib.saved_steps(vdir, "distribution")
+                   if s % every == 0 and s <= target]
+    for step in steps:
+      todo = [n for n in samplers if (step, n) not in done]
+      if not todo:
+        continue
+      params = (chain.handoff("distribution")["generator"] if step == 0
+                else ema_params_at(vdir, step, abstract, shardings))
+      for n in todo:
+        row, samples = driver.measure_row(ev, f"{record['run']} ({driver.steps_label(n)})", n,
+                                          samplers[n], params)
+        row.update(step=step, class_histogram=ev.scorer.class_histogram(samples).tolist())
+        record["points"].append(row)
+        print(f"[hd_curves seed {seed}] {record['run']} step {step} nfe {n}: "
+              f"{ev.scorer.feature_name} {row[ev.scorer.feature_name]:.3f} recall "
+              f"{row['recall']:.3f} class_tv {row['class_tv']:.3f}", flush=True)
+      record["points"].sort(key=lambda p: (p["step"], p["nfe"]))
+      save_json(record, path)
+  return record
+
+
+def reference_rows(seed: int, base_dir: str, ev, samplers) -> dict:
+  """The teacher (N steps) and stage 1 alone (one and two steps): the curves' reference lines."""
+  from hierdistill.evaluation import driver  # pylint: disable=g-import-not-at-top
+  path = os.path.join(experiment_dir(), f"seed{seed}", "reference.json")
+  if os.path.exists(path):
+    return json.load(open(path))
+  chain = ev.chain
+  n = int(chain.config.sample.teacher_steps)
+  rows = {"teacher": ev.teacher(chain.load_export("teacher"), n)}
+  for k in samplers:
+    rows[f"TD only ({k})"] = driver.measure_row(ev, f"TD only ({driver.steps_label(k)})", k,
+                                                samplers[k], chain.load_export("trajectory"))[0]
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  save_json(rows, path)
+  return rows
+
+
+def run_seed(seed: int) -> None:
+  from hierdistill import pipeline  # pylint: disable=g-import-not-at-top
+  from hierdistill.evaluation import driver  # pylint: disable=g-import-not-at-top
+  from hierdistill.evaluation.embedded import Evaluator  # pylint: disable=g-import-not-at-top
+
+  t0 = time.time()
+  base_dir, base_times = hd_table.train_base(seed)
+  chain = pipeline.Chain(hd_table._config(seed), base_dir)
+  ev = Evaluator(chain)
+  # One sampler a step count, so that each compiles once for every point.
+  samplers = {int(n): driver.student_sampler(chain, int(n)) for n in _NFE.value}
+  reference_rows(seed, base_dir, ev, samplers)
+  save_json(base_times, os.path.join(experiment_dir(), f"seed{seed}", "base_times.json"))
+  for variant, weight in runs_of(seed):
+    t_run = time.time()
+    train_and_score(seed, variant, weight, base_dir, ev, samplers)
+    print(f"[hd_curves seed {seed}] {run_name(variant, weight)} done in "
+          f"{time.time() - t_run:.0f} s", flush=True)
+  print(f"[hd_curves seed {seed}] all runs in {time.time() - t0:.0f} s", flush=True)
+
+
+def step_costs(seed: int) -> dict:
+  """Forwards per step of stage 1 and of each variant's stage 2 (cached in step_cost.json)."""
+  path = os.path.join(experiment_dir(), "step_cost.json")
+  costs = json.load(open(path)) if os.path.exists(path) else {}
+  missing = [v for v in hd_table.VARIANTS if v not in costs]
+  if missing:
+    from benchmarks import step_cost  # pylint: disable=g-import-not-at-top
+    from hierdistill import pipeline  # pylint: disable=g-import-not-at-top
+    from hierdistill import sources  # pylint: disable=g-import-not-at-top
+    for variant in missing:
+      config = hd_table._apply(hd_table._config(seed), hd_table.VARIANTS[variant])
+      shape = sources.source_class(config.data.name).example_shape(config)
+      nets = pipeline.Networks(config)
+      costs[variant] = step_cost.forwards_per_step(config, nets, shape)
+      print(f"[hd_curves] step cost, {variant}: {costs[variant]} forwards", flush=True)
+    os.makedirs(experiment_dir(), exist_ok=True)
+    save_json(costs, path)
+  return costs
+
+
+def collect() -> dict:
+  """{run name: {seed: points.json}} for every run scored so far under the experiment."""
+  out = {}
+  root = experiment_dir()
+  for seed_dir in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+    if not seed_dir.startswith("seed"):
+      continue
+    for name in sorted(os.listdir(os.path.join(root, seed_dir))):
+      path = os.path.join(root, seed_dir, name, "points.json")
+      if os.path.exists(path):
+        record = json.load(open(path))
+        if record["points"]:
+          out.setdefault(record["run"], {})[record["seed"]] = record
+  return out
+
+
+def curve(record: dict, metric: str, nfe: int) -> tuple[np.ndarray, np.ndarray]:
+  pts = [p for p in record["points"] if p["nfe"] == nfe]
+  return (np.array([p["step"] for p in pts], np.float64),
+          np.array([p[metric] for p in pts], np.float64))
+
+
+def best_weight(variant: str) -> float:
+  """The adversarial weight of `variant` with the lowest one-step FD at --steps on
+  --choose_seed; ValueError when that seed's sweep has not reached --steps."""
+  fd = hd_table.METRICS[hd_table._EXPERIMENT.value][0]
+  scores = {}
+  for record in collect().values():
+    r = record.get(_CHOOSE_SEED.value)
+    if r and r["variant"] == variant:
+      steps, values = curve(r, fd, 1)
+      if len(steps) and steps[-1] == _STEPS.value:
+        scores[r["gen_adv_weight"]] = values[-1]
+  if len(scores) < 2:
+    raise ValueError(f"--weights=best: the sweep of {variant!r} on seed {_CHOOSE_SEED.value} "
+                     f"has {len(scores)} weight(s) at step {_STEPS.value}; run it first "
+                     "(--weights=0.3,0.9,3.0 --seeds=" f"{_CHOOSE_SEED.value}).")
+  return min(scores, key=scores.get)
+
+
+def summarise(runs: dict, costs: dict, references: dict) -> str:
+  """The table: per run, mean +- std over seeds at chosen steps, and the first step at which
+  the one-step FD reaches the teacher's (N steps) FD."""
+  fd = hd_table.METRICS[hd_table._EXPERIMENT.value][0]
+  teacher = np.mean([r["teacher"][fd] for r in references.values()]) if references else math.nan
+  marks = sorted({s for s in (100, 400, 800, _STEPS.value) if s <= _STEPS.value})
+  head = ([f"{fd} 1 step @ {s}" for s in marks] + [f"{fd} 2 steps @ {_STEPS.value}",
+          f"recall @ {_STEPS.value}", f"class_tv @ {_STEPS.value}",
+          f"first step <= teacher ({teacher:.2f})", "stage-2 fwd/step", "seeds", "train_s"])
+  lines = ["| run | " + " | ".join(head) + " |", "|---" + "|---:" * len(head) + "|"]
+
+  def at(records, metric, nfe, step):
+    vals = []
+    for r in records:
+      steps, values = curve(r, metric, nfe)
+      vals += list(values[steps == step])
+    if not vals:
+      return "-"
+    return f"{np.mean(vals):.2f} +- {np.std(vals):.2f}" if len(vals) > 1 else f"{vals[0]:.2f}"
+
+  for name, by_seed in runs.items():
+    records = list(by_seed.values())
+    cells = [at(records, fd, 1, s) for s in marks]
+    cells += [at(records, fd, 2, _STEPS.value), at(records, "recall", 1, _STEPS.value),
+              at(records, "class_tv", 1, _STEPS.value)]
+    firsts = []
+    for r in records:
+      steps, values = curve(r, fd, 1)
+      below = steps[values <= teacher]
+      firsts.append(str(int(below[0])) if len(below) else f"> {int(steps[-1])}")
+    cells.append(", ".join(firsts))
+    cells.append(f"{costs.get(records[0]['variant'], {}).get('distribution', math.nan):.1f}")
+    cells.append(",".join(str(s) for s in by_seed))
+    cells.append(",".join(f"{sum(r['chunks'].values()):.0f}" for r in records))
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def total_cost(record: dict, steps: np.ndarray, costs: dict, seed: int) -> np.ndarray:
+  """Forward passes spent up to each point: stage 1's whole run (for the variants that start
+  from it) plus the stage-2 steps."""
+  c = costs[record["variant"]]
+  from_teacher = hd_table.VARIANTS[record["variant"]].get("init_from") == "teacher"
+  stage1 = 0.0 if from_teacher else (
+      int(hd_table._config(seed).trajectory.num_steps) * c["trajectory"])
+  return stage1 + steps * c["distribution"]
+
+
+def plot(runs: dict, costs: dict, references: dict, out_dir: str) -> list[str]:
+  """PNG figures of the curves; returns their paths. Seeds: the mean line, a min-max band."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fd = hd_table.METRICS[hd_table._EXPERIMENT.value][0]
+  name = hd_table._experiment_name()
+  paths = []
+
+  def band(ax, xs, ys, label):
+    n = min(len(y) for y in ys)
+    x, y = xs[0][:n], np.stack([y[:n] for y in ys])
+    line, = ax.plot(x, y.mean(0), marker=".", label=f"{label} ({len(ys)} seed"
+                    f"{'s' if len(ys) > 1 else ''})")
+    if len(ys) > 1:
+      ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
+
+  def reference(ax, key, metric, style, label):
+    vals = [r[key][metric] for r in references.values() if key in r]
+    if vals:
+      ax.axhline(np.mean(vals), color="grey", linestyle=style, linewidth=1, label=label)
+
+  figures = [("fd", fd, 1, f"{fd}, one step"), ("fd_two_steps", fd, 2, f"{fd}, two steps"),
+             ("recall", "recall", 1, "recall, one step"),
+             ("class_tv", "class_tv", 1, "class histogram's distance to the data's (TV)")]
+  for slug, metric, nfe, title in figures:
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for run, by_seed in runs.items():
+      xs, xc, ys = [], [], []
+      for seed, r in sorted(by_seed.items()):
+        steps, values = curve(r, metric, nfe)
+        if len(steps):
+          xs.append(steps)
+          xc.append(total_cost(r, steps, costs, seed) / 1e3)
+          ys.append(values)
+      if ys:
+        band(axes[0], xs, ys, run)
+        band(axes[1], xc, ys, run)
+    for ax in axes:
+      reference(ax, "teacher", metric, "--", "teacher (N steps)")
+      reference(ax, f"TD only ({nfe})", metric, ":", f"TD only, {nfe} step(s)")
+      ax.set_ylabel(title)
+      ax.grid(alpha=0.3)
+    if metric.startswith("FD"):
+      for ax in axes:
+        ax.set_yscale("log")
+    axes[0].set_xlabel("stage-2 step")
+    axes[1].set_xlabel("training cost, thousands of student forwards (stage 1 counted; "
+                       "teacher not)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{name}: {title}")
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"{name}_curves_{slug}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+  return paths
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_threefry_partitionable", True)
+  seeds = [int(s) for s in _SEEDS.value]
+  if not _PLOT_ONLY.value:
+    for seed in seeds:
+      run_seed(seed)
+  out_dir = experiment_dir()
+  costs = step_costs(seeds[0])
+  runs = collect()
+  references = {}
+  for seed_dir in sorted(os.listdir(out_dir)):
+    path = os.path.join(out_dir, seed_dir, "reference.json")
+    if seed_dir.startswith("seed") and os.path.exists(path):
+      references[seed_dir] = json.load(open(path))
+  text = summarise(runs, costs, references)
+  with open(os.path.join(out_dir, "curves.md"), "w") as f:
+    f.write(text + "\n")
+  save_json({name: {str(s): r for s, r in by_seed.items()} for name, by_seed in runs.items()},
+            os.path.join(out_dir, "curves.json"))
+  print(text)
+  for path in plot(runs, costs, references, out_dir):
+    print("plot:", path)
+
+
+if __name__ == "__main__":
+  app.run(main)
