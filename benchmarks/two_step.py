@@ -1,0 +1,120 @@
+"""Why two steps degrade after stage 2, and which two-step path does not: samplers compared.
+
+Stage 2 trains the flow map at one interval only, u(e, 0, 1). The uniform two-step path also
+reads u(e, 0.5, 1) and u(z_0.5, 0, 0.5), which share the network's weights but no loss after
+stage 1: they drift as stage 2 moves the weights for (0, 1). The paths compared here, each from
+the same noise, for stage 1 alone (TD only) and for hd_curves.py's runs at a checkpoint:
+
+  1 step                 x = e - u(e, 0, 1)
+  2 steps, t_mid = m     z_m = e - (1 - m) u(e, m, 1), x = z_m - m u(z_m, 0, m)  (m = 0.5: uniform)
+  2 steps, re-noised     x0 = e - u(e, 0, 1) (the trained map), z_m = (1 - m) x0 + m e', with
+  at m                   fresh noise e', x = z_m - m u(z_m, 0, m) (the multistep sampling of
+                         consistency models and DMD2: the second jump starts on the path the
+                         MeanFlow identity describes, from the stage-2 sample)
+
+Scored as hd_table.py scores (same reference, feature net, sample count). Writes
+<out>/<experiment>/seed<S>/two_step.json and .md.
+
+  python benchmarks/two_step.py --experiment=digits --seed=0 --step=1200
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+
+# hd_curves' flags (--experiment, --variant, --set, --workdir, --out, --variants, --weights...).
+from benchmarks import hd_curves  # noqa: E402
+from benchmarks import hd_table  # noqa: E402
+
+_SEED = flags.DEFINE_integer("seed", 0, "The seed whose runs are read.")
+_STEP = flags.DEFINE_integer("step", 1200, "The stage-2 checkpoint read from each run.")
+_MIDS = flags.DEFINE_list("mids", ["0.25", "0.5", "0.75"], "Intermediate times m tried.")
+
+
+def samplers(chain, mids: list[float]) -> dict:
+  """{name: (params, noise, c) -> samples} for the paths of the module doc."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from hierdistill import sampling  # pylint: disable=g-import-not-at-top
+  student = chain.nets.student
+
+  def jump(params, c, z, r, t):
+    """z_r = z_t - (t - r) u(z_t, r, t), for scalars r < t."""
+    b = z.shape[0]
+    r_, t_ = jnp.full((b,), r, z.dtype), jnp.full((b,), t, z.dtype)
+    u = sampling.apply_model(student, params, z, r_, t_, c)
+    return z - (t - r) * u.astype(z.dtype)
+
+  def fresh_noise(noise):
+    """e' independent of e, and fixed per sample: drawn from a key made of e's own bits, so
+    every row of every run re-noises sample i with the same e'."""
+    bits = jax.lax.bitcast_convert_type(noise.reshape(noise.shape[0], -1)[:, 0], jnp.int32)
+    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(20261206), s))(bits)
+    return jax.vmap(lambda k: jax.random.normal(k, noise.shape[1:], noise.dtype))(keys)
+
+  out = {"1 step": lambda p, e, c: jump(p, c, e, 0.0, 1.0)}
+  for m in mids:
+    out[f"2 steps, t_mid {m:g}"] = (
+        lambda p, e, c, m=m: jump(p, c, jump(p, c, e, m, 1.0), 0.0, m))
+  for m in mids:
+    def renoised(p, e, c, m=m):
+      x0 = jump(p, c, e, 0.0, 1.0)
+      return jump(p, c, (1.0 - m) * x0 + m * fresh_noise(e), 0.0, m)
+    out[f"2 steps, re-noised at {m:g}"] = renoised
+  return out
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_threefry_partitionable", True)
+  from hierdistill import pipeline  # pylint: disable=g-import-not-at-top
+  from hierdistill.evaluation import driver  # pylint: disable=g-import-not-at-top
+  from hierdistill.evaluation.embedded import Evaluator  # pylint: disable=g-import-not-at-top
+
+  seed, step = _SEED.value, _STEP.value
+  base_dir, _ = hd_table.train_base(seed)
+  chain = pipeline.Chain(hd_table._config(seed), base_dir)
+  ev = Evaluator(chain)
+  fns = samplers(chain, [float(m) for m in _MIDS.value])
+  models = {"TD only (stage 1)": chain.load_export("trajectory")}
+  abstract, shardings = chain.exported_shapes("distribution")
+  for variant, weight in hd_curves.runs_of(seed):
+    vdir = hd_curves.run_dir(seed, variant, weight)
+    if os.path.isdir(os.path.join(vdir, "distribution", "checkpoints", str(step))):
+      models[f"{hd_curves.run_name(variant, weight)} @ {step}"] = hd_curves.ema_params_at(
+          vdir, step, abstract, shardings)
+  fd = ev.scorer.feature_name
+  rows = []
+  for model, params in models.items():
+    for path, fn in fns.items():
+      nfe = 1 if path == "1 step" else 2
+      row = driver.measure_row(ev, f"{model}: {path}", nfe, fn, params)[0]
+      row.update(model_name=model, path=path)
+      rows.append(row)
+      print(f"[two_step] {model}: {path}: {fd} {row[fd]:.3f} precision {row['precision']:.3f} "
+            f"recall {row['recall']:.3f}", flush=True)
+  out_dir = os.path.join(hd_curves.experiment_dir(), f"seed{seed}")
+  os.makedirs(out_dir, exist_ok=True)
+  hd_curves.save_json(rows, os.path.join(out_dir, "two_step.json"))
+  paths = list(fns)
+  lines = ["| model | " + " | ".join(paths) + " |", "|---" + "|---:" * len(paths) + "|"]
+  for model in models:
+    cells = [f"{r[fd]:.2f}" for p in paths for r in rows
+             if r["model_name"] == model and r["path"] == p]
+    lines.append(f"| {model} | " + " | ".join(cells) + " |")
+  text = f"{fd} by sampling path (seed {seed})\n\n" + "\n".join(lines)
+  with open(os.path.join(out_dir, "two_step.md"), "w") as f:
+    f.write(text + "\n")
+  print(text)
+
+
+if __name__ == "__main__":
+  app.run(main)
