@@ -47,12 +47,16 @@ import numpy as np  # noqa: E402
 # hd_table's flags: --experiment, --variant, --set, --seeds, and --workdir (where the teacher
 # and stage 1 of each seed are trained once).
 from benchmarks import hd_table  # noqa: E402
+from benchmarks import levers  # noqa: E402
 
 _SEEDS = hd_table._SEEDS
 _VARIANTS = flags.DEFINE_list("variants", list(hd_table.VARIANTS),
                               "Stage-2 variants (names of hd_table.VARIANTS).")
 _WEIGHTS = flags.DEFINE_list("weights", [], "Adversarial weights to run the adversarial variants "
                              "at; empty = the experiment's; 'best' = chosen on --choose_seed.")
+_LEVER = flags.DEFINE_string("lever", "", "A stage-2 lever (levers.LEVERS, '+'-joined) applied "
+                             "to every run on top of its variant; '' = none. Runs with a "
+                             "lever are named and kept apart.")
 _CHOOSE_SEED = flags.DEFINE_integer("choose_seed", 0, "The seed --weights=best reads.")
 _STEPS = flags.DEFINE_integer("steps", 1200, "Stage-2 steps of every run.")
 _EVERY = flags.DEFINE_integer("every", 100, "Score (and checkpoint) every this many steps.")
@@ -89,7 +93,8 @@ def runs_of(seed: int) -> list[tuple[str, float | None]]:
 
 
 def run_name(variant: str, weight: float | None) -> str:
-  return variant if weight is None else f"{variant} @ adv {weight:g}"
+  name = variant if weight is None else f"{variant} @ adv {weight:g}"
+  return name + (f" + {_LEVER.value}" if _LEVER.value else "")
 
 
 def experiment_dir() -> str:
@@ -98,11 +103,14 @@ def experiment_dir() -> str:
 
 def run_dir(seed: int, variant: str, weight: float | None) -> str:
   suffix = "" if weight is None else f"_adv{weight:g}"
+  if _LEVER.value:
+    suffix += "_" + "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in _LEVER.value)
   return os.path.join(experiment_dir(), f"seed{seed}", hd_table.slug(variant) + suffix)
 
 
 def run_config(seed: int, variant: str, weight: float | None, num_steps: int):
   config = hd_table._apply(hd_table._config(seed), hd_table.VARIANTS[variant])
+  config = hd_table._apply(config, levers.overrides_of(_LEVER.value) if _LEVER.value else {})
   if weight is not None:
     config.distribution.gen_adv_weight = weight
   d = config.distribution
@@ -146,7 +154,7 @@ def train_and_score(seed: int, variant: str, weight, base_dir: str, ev, samplers
   hd_table.copy_base(base_dir, vdir)
   path = os.path.join(vdir, "points.json")
   record = load_points(path)
-  record.update(run=run_name(variant, weight), variant=variant, seed=seed,
+  record.update(run=run_name(variant, weight), variant=variant, lever=_LEVER.value, seed=seed,
                 gen_adv_weight=weight if weight is not None else default_weight(seed))
   every, total = _EVERY.value, _STEPS.value
   targets = sorted({min(c, total) for c in range(_CHUNK.value, total + _CHUNK.value,
@@ -222,22 +230,29 @@ def run_seed(seed: int) -> None:
   print(f"[hd_curves seed {seed}] all runs in {time.time() - t0:.0f} s", flush=True)
 
 
-def step_costs(seed: int) -> dict:
-  """Forwards per step of stage 1 and of each variant's stage 2 (cached in step_cost.json)."""
+def cost_key(record: dict) -> str:
+  """Runs that compute the same step share a cost: the variant and the lever decide it."""
+  return record["variant"] + (f" + {record['lever']}" if record.get("lever") else "")
+
+
+def step_costs(runs: dict, seed: int) -> dict:
+  """Forwards per step of stage 1 and of each run's stage 2 (cached in step_cost.json)."""
   path = os.path.join(experiment_dir(), "step_cost.json")
   costs = json.load(open(path)) if os.path.exists(path) else {}
-  missing = [v for v in hd_table.VARIANTS if v not in costs]
+  records = {cost_key(r): r for by_seed in runs.values() for r in by_seed.values()}
+  missing = [k for k in records if k not in costs]
   if missing:
     from benchmarks import step_cost  # pylint: disable=g-import-not-at-top
     from hierdistill import pipeline  # pylint: disable=g-import-not-at-top
     from hierdistill import sources  # pylint: disable=g-import-not-at-top
-    for variant in missing:
-      config = hd_table._apply(hd_table._config(seed), hd_table.VARIANTS[variant])
+    for key in missing:
+      r = records[key]
+      config = hd_table._apply(hd_table._config(seed), hd_table.VARIANTS[r["variant"]])
+      if r.get("lever"):
+        config = hd_table._apply(config, levers.overrides_of(r["lever"]))
       shape = sources.source_class(config.data.name).example_shape(config)
-      nets = pipeline.Networks(config)
-      costs[variant] = step_cost.forwards_per_step(config, nets, shape)
-      print(f"[hd_curves] step cost, {variant}: {costs[variant]} forwards", flush=True)
-    os.makedirs(experiment_dir(), exist_ok=True)
+      costs[key] = step_cost.forwards_per_step(config, pipeline.Networks(config), shape)
+      print(f"[hd_curves] step cost, {key}: {costs[key]} forwards", flush=True)
     save_json(costs, path)
   return costs
 
@@ -313,7 +328,7 @@ def summarise(runs: dict, costs: dict, references: dict) -> str:
       below = steps[values <= teacher]
       firsts.append(str(int(below[0])) if len(below) else f"> {int(steps[-1])}")
     cells.append(", ".join(firsts))
-    cells.append(f"{costs.get(records[0]['variant'], {}).get('distribution', math.nan):.1f}")
+    cells.append(f"{costs.get(cost_key(records[0]), {}).get('distribution', math.nan):.1f}")
     cells.append(",".join(str(s) for s in by_seed))
     cells.append(",".join(f"{sum(r['chunks'].values()):.0f}" for r in records))
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -323,7 +338,7 @@ def summarise(runs: dict, costs: dict, references: dict) -> str:
 def total_cost(record: dict, steps: np.ndarray, costs: dict, seed: int) -> np.ndarray:
   """Forward passes spent up to each point: stage 1's whole run (for the variants that start
   from it) plus the stage-2 steps."""
-  c = costs[record["variant"]]
+  c = costs[cost_key(record)]
   from_teacher = hd_table.VARIANTS[record["variant"]].get("init_from") == "teacher"
   stage1 = 0.0 if from_teacher else (
       int(hd_table._config(seed).trajectory.num_steps) * c["trajectory"])
@@ -400,8 +415,8 @@ def main(argv):
     for seed in seeds:
       run_seed(seed)
   out_dir = experiment_dir()
-  costs = step_costs(seeds[0])
   runs = collect()
+  costs = step_costs(runs, seeds[0])
   references = {}
   for seed_dir in sorted(os.listdir(out_dir)):
     path = os.path.join(out_dir, seed_dir, "reference.json")

@@ -26,47 +26,14 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
 from benchmarks import hd_table  # noqa: E402  (its --experiment, --set and config helpers)
-
-# Overrides of config.distribution; the paper publishes none of its stage-2 hyper-parameters.
-LEVERS = {
-    "default": {},
-    # Generator and fake network together (two time scales kept: the head stays at 1e-3).
-    "lr 3e-4": {"optimizer.lr": 3e-4, "fake_optimizer.lr": 3e-4},
-    # DMD2's critic ratio on ImageNet.
-    "k=5": {"update_ratio": 5},
-    # The GAN term against DMD's: DMD's surrogate spreads its gradient over every pixel
-    # (dL/dx = g / x.size), the adversarial term's over the batch only, so a weight tuned on
-    # 64x64x3 images (DMD2's 3e-3) is 192 times weaker, relatively, on 8x8x1 digits.
-    "adv x10": {"gen_adv_weight": 3e-2},
-    "adv x100": {"gen_adv_weight": 3e-1},
-    "adv x300": {"gen_adv_weight": 9e-1},
-    "adv x1000": {"gen_adv_weight": 3.0},
-    "disc x10": {"disc_weight": 1e-1},
-    "regulariser 1": {"regulariser_weight": 1.0},
-    "teacher features": {"discriminator.features": "teacher"},
-    "tau 0.3": {"discriminator.tau": 0.3},
-    "DMD t from 0.2": {"dmd_t_min": 0.2},
-    "real-score cfg 1.0": {"cfg_scale": 1.0},
-    "mean-pooled head": {"discriminator.pooling": "mean"},
-    "no adversarial term": {"gen_adv_weight": 0.0, "disc_weight": 0.0},
-    # Stage 2 from the teacher instead of stage 1's sketch (DMD2's recipe, adversarial term kept).
-    "from the teacher": {"init_from": "teacher"},
-}
+from benchmarks.levers import LEVERS  # noqa: E402
+from benchmarks.levers import overrides_of  # noqa: E402
 
 _LEVERS = flags.DEFINE_list("levers", list(LEVERS), "Levers to run (names of LEVERS, or "
                             "'+'-joined names to combine them, e.g. 'lr 3e-4+adv x100').")
 _SEED = flags.DEFINE_integer("seed", 0, "The seed of the base (teacher, stage 1) and stage 2.")
 _STEPS = flags.DEFINE_list("steps", ["400"], "Stage-2 step counts at which to score.")
 _OUT = flags.DEFINE_string("out", "runs/stage2_levers", "Where the runs and tables go.")
-
-
-def overrides_of(name: str) -> dict:
-  out = {}
-  for part in name.split("+"):
-    if part not in LEVERS:
-      raise ValueError(f"unknown lever {part!r}; choose from {sorted(LEVERS)} (join with '+').")
-    out.update(LEVERS[part])
-  return out
 
 
 def slug(name: str) -> str:
