@@ -33,6 +33,7 @@ steps, recall and class coverage; seeds as bands: mean and min-max), step_cost.j
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -63,6 +64,9 @@ _EVERY = flags.DEFINE_integer("every", 100, "Score (and checkpoint) every this m
 _CHUNK = flags.DEFINE_integer("chunk", 400, "Train this many steps, then score what they left.")
 _NFE = flags.DEFINE_list("nfe", ["1", "2"], "Sampling steps each point is scored at.")
 _OUT = flags.DEFINE_string("out", "runs/hd_curves", "Where the runs, tables and plots go.")
+_ONLY = flags.DEFINE_string("only", "", "A regular expression: the table and plots show only the "
+                            "runs whose name it matches (e.g. '@ adv|^HD \\+ AWD$').")
+_TAG = flags.DEFINE_string("tag", "", "Appended to the table's and plots' file names.")
 _PLOT_ONLY = flags.DEFINE_bool("plot_only", False, "Train and score nothing: tables and plots "
                                "from the points scored so far.")
 
@@ -167,8 +171,9 @@ def train_and_score(seed: int, variant: str, weight, base_dir: str, ev, samplers
       hd_table._train(config, vdir, ("distribution",))
       record["chunks"][str(target)] = round(time.time() - t0, 1)
       save_json(record, path)
-    config = run_config(seed, variant, weight, target)
-    chain = pipeline.Chain(config, vdir)
+    # A run trained further by an earlier command (a longer --steps) is read, not cut back.
+    saved = ckpt_lib.saved_steps(vdir, "distribution")
+    chain = pipeline.Chain(run_config(seed, variant, weight, max([target] + saved)), vdir)
     abstract, shardings = chain.exported_shapes("distribution")
     done = {(p["step"], p["nfe"]) for p in record["points"]}
     steps = [0] + [s for s in ckpt_lib.saved_steps(vdir, "distribution")
@@ -268,7 +273,7 @@ def collect() -> dict:
       path = os.path.join(root, seed_dir, name, "points.json")
       if os.path.exists(path):
         record = json.load(open(path))
-        if record["points"]:
+        if record["points"] and re.search(_ONLY.value, record["run"]):
           out.setdefault(record["run"], {})[record["seed"]] = record
   return out
 
@@ -398,7 +403,7 @@ def plot(runs: dict, costs: dict, references: dict, out_dir: str) -> list[str]:
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{name}: {title}")
     fig.tight_layout()
-    path = os.path.join(out_dir, f"{name}_curves_{slug}.png")
+    path = os.path.join(out_dir, f"{name}_curves_{slug}{_TAG.value and '_' + _TAG.value}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     paths.append(path)
@@ -423,10 +428,11 @@ def main(argv):
     if seed_dir.startswith("seed") and os.path.exists(path):
       references[seed_dir] = json.load(open(path))
   text = summarise(runs, costs, references)
-  with open(os.path.join(out_dir, "curves.md"), "w") as f:
+  tag = _TAG.value and "_" + _TAG.value
+  with open(os.path.join(out_dir, f"curves{tag}.md"), "w") as f:
     f.write(text + "\n")
   save_json({name: {str(s): r for s, r in by_seed.items()} for name, by_seed in runs.items()},
-            os.path.join(out_dir, "curves.json"))
+            os.path.join(out_dir, f"curves{tag}.json"))
   print(text)
   for path in plot(runs, costs, references, out_dir):
     print("plot:", path)
