@@ -59,6 +59,8 @@ _LEVER = flags.DEFINE_string("lever", "", "A stage-2 lever (levers.LEVERS, '+'-j
                              "to every run on top of its variant; '' = none. Runs with a "
                              "lever are named and kept apart.")
 _CHOOSE_SEED = flags.DEFINE_integer("choose_seed", 0, "The seed --weights=best reads.")
+_CHOOSE_STEP = flags.DEFINE_integer("choose_step", 0, "The stage-2 step --weights=best reads "
+                                    "(0 = --steps): the sweep may be shorter than the runs.")
 _STEPS = flags.DEFINE_integer("steps", 1200, "Stage-2 steps of every run.")
 _EVERY = flags.DEFINE_integer("every", 100, "Score (and checkpoint) every this many steps.")
 _CHUNK = flags.DEFINE_integer("chunk", 400, "Train this many steps, then score what they left.")
@@ -285,21 +287,25 @@ def curve(record: dict, metric: str, nfe: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def best_weight(variant: str) -> float:
-  """The adversarial weight of `variant` with the lowest one-step FD at --steps on
-  --choose_seed; ValueError when that seed's sweep has not reached --steps."""
+  """The adversarial weight of `variant` with the lowest one-step FD at --choose_step on
+  --choose_seed; ValueError when that seed's sweep has not reached it."""
   fd = hd_table.METRICS[hd_table._EXPERIMENT.value][0]
+  step = _CHOOSE_STEP.value or _STEPS.value
   scores = {}
   for record in collect().values():
     r = record.get(_CHOOSE_SEED.value)
-    if r and r["variant"] == variant:
+    if r and r["variant"] == variant and not r.get("lever"):
       steps, values = curve(r, fd, 1)
-      if len(steps) and steps[-1] == _STEPS.value:
-        scores[r["gen_adv_weight"]] = values[-1]
+      if step in steps:
+        scores[r["gen_adv_weight"]] = float(values[steps == step][0])
   if len(scores) < 2:
     raise ValueError(f"--weights=best: the sweep of {variant!r} on seed {_CHOOSE_SEED.value} "
-                     f"has {len(scores)} weight(s) at step {_STEPS.value}; run it first "
-                     "(--weights=0.3,0.9,3.0 --seeds=" f"{_CHOOSE_SEED.value}).")
-  return min(scores, key=scores.get)
+                     f"has {len(scores)} weight(s) scored at step {step}; run it first "
+                     f"(--weights=0.3,0.9,3.0 --seeds={_CHOOSE_SEED.value} --steps={step}).")
+  best = min(scores, key=scores.get)
+  print(f"[hd_curves] {variant}: weight {best:g} chosen on seed {_CHOOSE_SEED.value} at step "
+        f"{step} ({', '.join(f'{w:g}: {v:.3f}' for w, v in sorted(scores.items()))})", flush=True)
+  return best
 
 
 def summarise(runs: dict, costs: dict, references: dict) -> str:
