@@ -12,7 +12,10 @@ the same noise, for stage 1 alone (TD only) and for hd_curves.py's runs at a che
                          consistency models and DMD2: the second jump starts on the path the
                          MeanFlow identity describes, from the stage-2 sample)
 
-Scored as hd_table.py scores (same reference, feature net, sample count). Writes
+Scored as hd_table.py scores (same reference, feature net, sample count). Beside them, the
+MeanFlow residual of each model on each interval the paths read (stage 1's loss, per element,
+against the guided teacher's target, on the same 512 training examples and noise): whether
+stage 2 left the other intervals of the flow map where stage 1 put them. Writes
 <out>/<experiment>/seed<S>/two_step.json and .md.
 
   python benchmarks/two_step.py --experiment=digits --seed=0 --step=1200
@@ -70,6 +73,24 @@ def samplers(chain, mids: list[float]) -> dict:
   return out
 
 
+def meanflow_residuals(chain, params, intervals, n: int = 512) -> dict:
+  """{'(r, t)': mean squared MeanFlow residual per element} of params on each interval, on the
+  first n training examples with fixed noise."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from hierdistill.stages.trajectory import TrajectoryStage  # pylint: disable=g-import-not-at-top
+  stage = TrajectoryStage(chain.config, chain.nets.student, chain.nets.teacher,
+                          chain.nets.conditions)
+  x, c = jnp.asarray(chain.source.x[:n], jnp.float32), jnp.asarray(chain.source.y[:n])
+  noise = jax.random.normal(jax.random.PRNGKey(20261206), x.shape)
+  out = {}
+  for r, t in intervals:
+    draws = {"r": jnp.full((n,), r), "t": jnp.full((n,), t), "noise": noise}
+    _, metrics = jax.jit(stage.loss_of_draws)(params, chain.frozen_teacher, x, c, draws)
+    out[f"({r:g}, {t:g})"] = float(metrics["meanflow_mse"])
+  return out
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -92,6 +113,12 @@ def main(argv):
       models[f"{hd_curves.run_name(variant, weight)} @ {step}"] = hd_curves.ema_params_at(
           vdir, step, abstract, shardings)
   fd = ev.scorer.feature_name
+  mids = [float(m) for m in _MIDS.value]
+  intervals = [(0.0, 1.0)] + [(m, 1.0) for m in mids] + [(0.0, m) for m in mids]
+  residuals = {}
+  for model, params in models.items():
+    residuals[model] = meanflow_residuals(chain, params, intervals)
+    print(f"[two_step] {model}: MeanFlow residual {residuals[model]}", flush=True)
   rows = []
   for model, params in models.items():
     for path, fn in fns.items():
@@ -103,13 +130,19 @@ def main(argv):
             f"recall {row['recall']:.3f}", flush=True)
   out_dir = os.path.join(hd_curves.experiment_dir(), f"seed{seed}")
   os.makedirs(out_dir, exist_ok=True)
-  hd_curves.save_json(rows, os.path.join(out_dir, "two_step.json"))
+  hd_curves.save_json({"rows": rows, "meanflow_residuals": residuals},
+                      os.path.join(out_dir, "two_step.json"))
   paths = list(fns)
   lines = ["| model | " + " | ".join(paths) + " |", "|---" + "|---:" * len(paths) + "|"]
   for model in models:
     cells = [f"{r[fd]:.2f}" for p in paths for r in rows
              if r["model_name"] == model and r["path"] == p]
     lines.append(f"| {model} | " + " | ".join(cells) + " |")
+  keys = list(next(iter(residuals.values())))
+  lines += ["", "MeanFlow residual (per element) by interval (r, t)", "",
+            "| model | " + " | ".join(keys) + " |", "|---" + "|---:" * len(keys) + "|"]
+  for model, res in residuals.items():
+    lines.append(f"| {model} | " + " | ".join(f"{res[k]:.4f}" for k in keys) + " |")
   text = f"{fd} by sampling path (seed {seed})\n\n" + "\n".join(lines)
   with open(os.path.join(out_dir, "two_step.md"), "w") as f:
     f.write(text + "\n")
