@@ -36,13 +36,22 @@ SANA = {f"SANA-{size} {px} px": f"experiments/mjhq_sana.py:{size},{px}"
         for size in ("0.6B", "1.6B") for px in ("512", "1024")}
 
 # The levers that make each run fit its smallest slice with >= 15% headroom (README: "Planning
-# a TPU slice"); the global batch stays the config's (256).
+# a TPU slice"); the global batch stays the config's (256). A program's rows depend only on the
+# levers that reach it (key_of).
+_BF16 = "--config.frozen_param_dtype=bfloat16"
 LEVERS = {
-    "imagenet": ("--config.frozen_param_dtype=bfloat16", "--config.trajectory.microbatches=4",
+    "SiT-XL/2": (_BF16, "--config.trajectory.microbatches=4",
                  "--config.distribution.microbatches=4"),
-    "sana": ("--config.frozen_param_dtype=bfloat16", "--config.trajectory.microbatches=16",
-             "--config.distribution.microbatches=16"),
+    # Stage 2 at 4 micro-batches left LightningDiT-XL/1 14.9% headroom (13.61 GiB): 8 it is.
+    "LightningDiT-XL/1": (_BF16, "--config.trajectory.microbatches=4",
+                          "--config.distribution.microbatches=8"),
+    "DiT-XL/2": (_BF16, "--config.trajectory.microbatches=4",
+                 "--config.distribution.microbatches=8"),
+    "SANA": (_BF16, "--config.trajectory.microbatches=16", "--config.distribution.microbatches=16"),
 }
+
+
+PREFIXES = ("fit ", "util ", "before levers ", "micro 4 ")  # plans() names: kind, run, slice
 
 
 def plans() -> list:
@@ -56,12 +65,17 @@ def plans() -> list:
     for topology in ("v5e:16x16", "v5p:4x4x4", "v6e:8x8"):
       out.append((f"{label} {topology}", config, topology, ()))
   for label, config in IMAGENET.items():
-    out.append((f"fit {label} v5e:2x2", config, "v5e:2x2", LEVERS["imagenet"]))
+    out.append((f"fit {label} v5e:2x2", config, "v5e:2x2", LEVERS[label]))
   out.append(("fit SANA-0.6B 1024 px v5e:2x4", SANA["SANA-0.6B 1024 px"], "v5e:2x4",
-              LEVERS["sana"]))
+              LEVERS["SANA"]))
   for topology in ("v5e:4x4", "v6e:2x4"):
     out.append((f"fit SANA-1.6B 1024 px {topology}", SANA["SANA-1.6B 1024 px"], topology,
-                LEVERS["sana"]))
+                LEVERS["SANA"]))
+  # What the levers bought on the smallest ImageNet slice: none; LightningDiT-XL/1's stage 2 at
+  # 4 micro-batches (14.9% headroom: why its fit takes 8).
+  out.append(("before levers SiT-XL/2 v5e:2x2", IMAGENET["SiT-XL/2"], "v5e:2x2", ()))
+  out.append(("micro 4 LightningDiT-XL/1 v5e:2x2", IMAGENET["LightningDiT-XL/1"], "v5e:2x2",
+              LEVERS["SiT-XL/2"]))
   # Utilisation: at 4 samples a chip (256 over 64 v5p chips) the compiler's step estimate follows
   # HBM traffic that does not shrink with the batch; 64 samples a chip (4 chips) amortise it.
   out.append(("util SiT-XL/2 v5p:2x2x1", IMAGENET["SiT-XL/2"], "v5p:2x2x1", ()))
@@ -69,7 +83,11 @@ def plans() -> list:
 
 
 def key_of(config, topology, overrides, program) -> str:
-  return "|".join((config, topology, " ".join(overrides), program))
+  """The row's key: only the overrides that reach `program` (a stage's own keys reach only its
+  step; the samplers none of them), so changing one stage's lever keeps the others' rows."""
+  other_stages = [s for s in PROGRAMS[:2] if s != program]
+  kept = [o for o in overrides if not any(o.startswith(f"--config.{s}.") for s in other_stages)]
+  return "|".join((config, topology, " ".join(kept), program))
 
 
 def load() -> dict:
@@ -106,20 +124,34 @@ def compile_one(config, topology, overrides, program, timeout_s) -> dict:
     return row
 
 
+def lever_label(overrides: str) -> str:
+  """'bf16, micro 4' for '--config.frozen_param_dtype=bfloat16 --config.<stage>.microbatches=4'
+  ('-' for none)."""
+  out = []
+  for o in overrides.split():
+    key, value = o.removeprefix("--config.").split("=")
+    out.append("bf16 teacher" if key == "frozen_param_dtype" and value == "bfloat16"
+               else f"micro {value}" if key.endswith(".microbatches") else f"{key}={value}")
+  return ", ".join(out) or "-"
+
+
 def table(results: dict, only: str = "") -> str:
   lines = ["| run | slice | levers | program | params | optim | temp | total GiB / chip | HBM | "
            "headroom | step s (est.) | model TFLOP / chip | util (est.) | compile |",
            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  seen = set()
   for name, config, topology, overrides in plans():
     if only and only not in name:
       continue
     for program in PROGRAMS:
-      row = results.get(key_of(config, topology, overrides, program))
-      if row is None:
+      key = key_of(config, topology, overrides, program)
+      row = results.get(key)
+      if row is None or key in seen:  # plans may share a program (a lever of the other stage)
         continue
-      label = name.split(" ", 1)[1] if name.startswith(("fit ", "util ")) else name
-      label = label.rsplit(" ", 1)[0]
-      levers = "yes" if overrides else "-"
+      seen.add(key)
+      label = next((name[len(p):] for p in PREFIXES if name.startswith(p)), name)
+      label = label.rsplit(" ", 1)[0]  # the topology has its own column
+      levers = lever_label(key_of(config, topology, overrides, program).split("|")[2])
       if "error" in row:
         what = row["error"] if row.get("does_not_fit") else f"failed: {row['error']}"
         lines.append(f"| {label} | {topology} | {levers} | {program} | {what} "
