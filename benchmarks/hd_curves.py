@@ -360,6 +360,7 @@ def plot(runs: dict, costs: dict, references: dict, out_dir: str) -> list[str]:
   """PNG figures of the curves; returns their paths. Seeds: the mean line, a min-max band."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   fd = hd_table.METRICS[hd_table._EXPERIMENT.value][0]
@@ -401,8 +402,10 @@ def plot(runs: dict, costs: dict, references: dict, out_dir: str) -> list[str]:
       ax.set_ylabel(title)
       ax.grid(alpha=0.3)
     if metric.startswith("FD"):
-      for ax in axes:
+      for ax in axes:  # log scale, plain numbers on it
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     axes[0].set_xlabel("stage-2 step")
     axes[1].set_xlabel("training cost, thousands of student forwards (stage 1 counted; "
                        "teacher not)")
