@@ -169,7 +169,7 @@ def table(results: dict, only: str = "") -> str:
           f"| {label} | {topology} | {levers} | {program} | {row['params_bytes'] / GiB:.2f} | "
           f"{row['optim_bytes'] / GiB:.2f} | {row['temp_bytes'] / GiB:.2f} | "
           f"{row['total_bytes'] / GiB:.2f} | {row['hbm_bytes'] / GiB:.0f} | "
-          f"{row['headroom']:.0%} | {row['step_seconds']:.3f}{mark} | {model} | {util} | "
+          f"{row['headroom']:.1%} | {row['step_seconds']:.3f}{mark} | {model} | {util} | "
           f"{row['seconds_to_compile']:.0f} s |")
   return "\n".join(lines)
 
