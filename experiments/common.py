@@ -140,3 +140,13 @@ def without_labels(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.update(num_classes=1, class_dropout_prob=0.0)
   c.trajectory.cfg_scale = c.distribution.cfg_scale = c.sample.cfg_scale = 1.0
   return c
+
+
+def variant_options(arg, experiment: str, allowed) -> set:
+  """The comma-joined variants of `--config=experiments/<experiment>.py:<arg>` as a set; an
+  unknown one is a one-line error naming the choices."""
+  options = set(arg.split(",")) if arg else set()
+  if options - set(allowed):
+    raise ValueError(f"experiments/{experiment}.py: unknown variant {arg!r}; use "
+                     f"{', '.join(repr(a) for a in allowed)}, comma-joined, or nothing.")
+  return options

@@ -6,6 +6,7 @@ Variants (the arg after the colon, comma-joined): 'tiny' shrinks every stage to 
 for tests; 'unconditional' drops the labels (common.without_labels: mode dropping shows).
 """
 from experiments.common import base_config
+from experiments.common import variant_options
 from experiments.common import without_labels
 
 
@@ -18,10 +19,7 @@ def get_config(arg=None):
   # moved the one-step result (FD-digits 9.7, twice the teacher's). Measured on seed 0, 400 steps
   # (benchmarks/README.md): 3e-2 -> 7.1, 0.3 -> 3.3, 0.9 -> 2.6, 3.0 -> 2.4.
   c.distribution.gen_adv_weight = 0.9
-  options = set(arg.split(",")) if arg else set()
-  if options - {"tiny", "unconditional"}:
-    raise ValueError(f"experiments/digits.py: unknown variant {arg!r}; use 'tiny', "
-                     "'unconditional', both comma-joined, or nothing.")
+  options = variant_options(arg, "digits", ("tiny", "unconditional"))
   if "unconditional" in options:
     without_labels(c)
   if "tiny" in options:

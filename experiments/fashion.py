@@ -16,6 +16,7 @@ Variants (the arg after the colon, comma-joined): 'tiny' shrinks every stage to 
 for tests; 'unconditional' drops the labels (common.without_labels: mode dropping shows).
 """
 from experiments.common import base_config
+from experiments.common import variant_options
 from experiments.common import without_labels
 
 
@@ -37,10 +38,7 @@ def get_config(arg=None):
   c.sample.update(grid_size=100, teacher_steps=50)
   # The k-NN radii of precision/recall grow as N^2: 10,000 reference images, not 60,000.
   c.eval.update(num_samples=1000, batch_size=500, reference_size=10000)
-  options = set(arg.split(",")) if arg else set()
-  if options - {"tiny", "unconditional"}:
-    raise ValueError(f"experiments/fashion.py: unknown variant {arg!r}; use 'tiny', "
-                     "'unconditional', both comma-joined, or nothing.")
+  options = variant_options(arg, "fashion", ("tiny", "unconditional"))
   if "unconditional" in options:
     without_labels(c)
   if "tiny" in options:
