@@ -44,7 +44,8 @@ from hierdistill.evaluation.modes import off_mode_fraction
 from hierdistill.evaluation.precision_recall import precision_recall
 
 __all__ = [
-    "assign_modes", "class_accuracy", "class_coverage", "class_histogram", "compute_features", "feature_statistics",
+    "assign_modes", "class_accuracy", "class_coverage", "class_histogram", "compute_features",
+    "feature_statistics",
     "frechet_distance", "frechet_distance_from_features", "image_grid", "inception_score",
     "load_or_train_digits_classifier", "mode_counts", "mode_coverage", "off_mode_fraction",
     "precision_recall", "save_image_grid", "scatter_image", "scatter_png", "total_variation",

@@ -5,10 +5,11 @@ Columns for images: FD in the feature space of the set's own classifier (feature
 over that classifier's labels ("IS-digits", "IS-fashion"), class accuracy of class-conditional
 samples. For 2-D points: FD on the raw coordinates, precision/recall, mode coverage, off-mode
 share. For both, per-class coverage (coverage.py): the samples' label histogram (the
-classifier's labels; for points, the nearest mode) against the reference data's. The reference set is the training split, or a fixed subset of config.eval.reference_size
-examples of it (the k-NN radii of precision/recall cost O(N^2): 60,000 Fashion-MNIST images
-would take about a minute a row on a 2-core CPU, 10,000 take 2 s). Samples are drawn on the mesh,
-features and metrics computed on the host.
+classifier's labels; for points, the nearest mode) against the reference data's. The reference
+set is the training split, or a fixed subset of config.eval.reference_size examples of it (the
+k-NN radii of precision/recall cost O(N^2): 60,000 Fashion-MNIST images would take about a
+minute a row on a 2-core CPU, 10,000 take 2 s). Samples are drawn on the mesh, features and
+metrics computed on the host.
 """
 from __future__ import annotations
 
