@@ -89,7 +89,7 @@ def plans() -> list:
 def key_of(config, topology, overrides, program) -> str:
   """The row's key: only the overrides that reach `program` (a stage's own keys reach only its
   step; the samplers none of them), so changing one stage's lever keeps the others' rows."""
-  other_stages = [s for s in PROGRAMS[:2] if s != program]
+  other_stages = [s for s in ("trajectory", "distribution") if s != program]
   kept = [o for o in overrides if not any(o.startswith(f"--config.{s}.") for s in other_stages)]
   return "|".join((config, topology, " ".join(kept), program))
 
