@@ -18,6 +18,9 @@ def base_config() -> ml_collections.ConfigDict:
   microbatches (each stage): the step's batch_size rows are processed this many at a time and
   their gradients summed before the one update (gradient accumulation): memory for time, the
   same update (stages/common.accumulate_gradients).
+  offload_optimizer_state (each stage): the stage's AdamW states live in the host's pinned
+  memory between steps and come into HBM only for the update that reads them: HBM for
+  host-to-device transfers, the same update (sharding.train_state_shardings).
   """
   c = ml_collections.ConfigDict()
   c.name = "base"
@@ -73,14 +76,15 @@ def base_config() -> ml_collections.ConfigDict:
   # teacher params (e.g. <run>/teacher/checkpoints/<step>/export) to distil instead of training
   # one here; '' = this run's teacher stage.
   c.teacher = ml_collections.ConfigDict(dict(
-      num_steps=2000, batch_size=64, microbatches=1, log_every=200, checkpoint_every=500,
-      keep=2, ema_decay=0.999, t_mu=0.0, t_sigma=1.0, optimizer=optimizer(1e-3, warmup_steps=200),
+      num_steps=2000, batch_size=64, microbatches=1, offload_optimizer_state=False,
+      log_every=200, checkpoint_every=500, keep=2, ema_decay=0.999, t_mu=0.0, t_sigma=1.0,
+      optimizer=optimizer(1e-3, warmup_steps=200),
       init_checkpoint=""))
 
   # Stage 1: MeanFlow trajectory distillation (METHOD.md).
   c.trajectory = ml_collections.ConfigDict(dict(
-      num_steps=1000, batch_size=64, microbatches=1, log_every=100, checkpoint_every=500,
-      keep=2, ema_decay=0.999,
+      num_steps=1000, batch_size=64, microbatches=1, offload_optimizer_state=False,
+      log_every=100, checkpoint_every=500, keep=2, ema_decay=0.999,
       rt_mu=-0.4, rt_sigma=1.0,  # [MeanFlow] logit-normal(-0.4, 1.0) for (r, t)
       equal_fraction=0.75,  # [MeanFlow] share of samples with r = t
       adaptive_p=1.0, adaptive_eps=1e-3,  # [MeanFlow] adaptive loss weight
@@ -90,8 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Stage 2: DMD + adversarial term with the AWD (METHOD.md).
   c.distribution = ml_collections.ConfigDict(dict(
-      num_steps=400, batch_size=64, microbatches=1, log_every=50, checkpoint_every=200,
-      keep=2, ema_decay=0.99,
+      num_steps=400, batch_size=64, microbatches=1, offload_optimizer_state=False,
+      log_every=50, checkpoint_every=200, keep=2, ema_decay=0.99,
       init_from="trajectory",  # 'teacher' = DMD only (ablation: no stage 1)
       update_ratio=2,  # k critic updates per generator update ([DMD2]: 5 on ImageNet)
       dmd_weight=1.0,

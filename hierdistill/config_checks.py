@@ -52,6 +52,9 @@ def validate_config(config) -> None:
     if cfg.get("keep") is not None:
       _check_int(cfg.keep, f"{s}.keep")
     _check_int(cfg.get("microbatches", 1), f"{s}.microbatches")
+    if not isinstance(cfg.get("offload_optimizer_state", False), bool):
+      raise ConfigError(f"config.{s}.offload_optimizer_state="
+                        f"{cfg.offload_optimizer_state!r}; give True or False.")
     if cfg.batch_size % cfg.get("microbatches", 1):
       raise ConfigError(f"config.{s}.batch_size={cfg.batch_size} is not divisible by "
                         f"config.{s}.microbatches={cfg.microbatches}; use a divisor of the batch.")

@@ -91,6 +91,25 @@ def state_shardings(abstract_state, mesh: Mesh, rules=DEFAULT_RULES):
   return jax.tree_util.tree_map_with_path(one, abstract_state)
 
 
+# The memory kind of the host's pinned memory: what the TPU (and GPU and CPU) runtimes move to
+# and from HBM by DMA. The optimiser state can live there between steps
+# (<stage>.offload_optimizer_state).
+HOST_MEMORY = "pinned_host"
+
+
+def train_state_shardings(abstract_state, mesh: Mesh, rules=DEFAULT_RULES, *,
+                          optimizer_state_on_host: bool = False):
+  """A stage's state's shardings (state_shardings), with every optimiser state (the fields
+  named *opt_state) in host memory when `optimizer_state_on_host`: HBM then holds it only
+  during the update that reads it (stages/common.guarded_update)."""
+  shardings = state_shardings(abstract_state, mesh, rules)
+  if not optimizer_state_on_host:
+    return shardings
+  on_host = lambda tree: jax.tree.map(lambda s: s.with_memory_kind(HOST_MEMORY), tree)
+  return shardings.replace(**{k: on_host(v) for k, v in vars(shardings).items()
+                              if k.endswith("opt_state")})
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

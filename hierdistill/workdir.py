@@ -25,9 +25,10 @@ CONFIG_FILE = "config.json"
 FREE_KEYS = ("name", "stages", "mesh", "sharding_rules", "max_consecutive_nonfinite",
              "data.data_dir", "model.remat", "model.remat_policy", "sample", "eval", "profile",
              "profile_all_processes")
-# microbatches: gradient accumulation changes memory and time, not the update, so a run may
-# resume on a smaller slice with more micro-batches.
-FREE_STAGE_KEYS = ("log_every", "checkpoint_every", "keep", "microbatches")
+# microbatches and offload_optimizer_state change memory and time, not the update, so a run may
+# resume on a smaller slice with more micro-batches or its optimiser state on the host.
+FREE_STAGE_KEYS = ("log_every", "checkpoint_every", "keep", "microbatches",
+                   "offload_optimizer_state")
 
 
 def check_writable(workdir: str, *, what: str = "workdir", flag: str = "--workdir") -> None:

@@ -1,7 +1,8 @@
 """The memory levers a TPU user pulls to fit a slice change memory and time, never the numbers:
-gradient accumulation (<stage>.microbatches), the remat policy (model.remat_policy), and the
-frozen teacher held in bfloat16 (frozen_param_dtype, to bfloat16's precision). Each is checked
-on one step of every stage of the tiny digits config against the step without it.
+gradient accumulation (<stage>.microbatches), the remat policy (model.remat_policy), the frozen
+teacher held in bfloat16 (frozen_param_dtype, to bfloat16's precision) and the optimiser state
+in host memory (<stage>.offload_optimizer_state, bitwise). Each is checked on one step of every
+stage of the tiny digits config against the step without it.
 """
 import jax
 import jax.numpy as jnp
@@ -120,3 +121,12 @@ def test_bfloat16_frozen_teacher_moves_a_bfloat16_model_by_rounding_only(name):
     np.testing.assert_allclose(half[0][key], full[0][key], rtol=2e-2, err_msg=key)
   held = common.frozen_copy({"w": jnp.ones(3), "i": jnp.ones(3, jnp.int32)}, "bfloat16")
   assert held["w"].dtype == jnp.bfloat16 and held["i"].dtype == jnp.int32
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_optimizer_state_on_the_host_gives_the_same_update(name):
+  config = tiny()
+  plain = one_step(config, name)
+  getattr(config, name).offload_optimizer_state = True
+  offloaded = one_step(config, name)
+  assert_same_step(plain, offloaded, rtol=0, atol=0)

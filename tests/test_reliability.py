@@ -289,6 +289,30 @@ def test_sigint_finishes_the_step_saves_and_resumes_bitwise(teacher_run, data_di
   assert_same_final_state(str(workdir), ref_workdir, "teacher", 6)
 
 
+def test_optimizer_state_on_the_host_saves_and_resumes_bitwise(teacher_run, data_dir, tmp_path):
+  """With the optimiser state in host memory (teacher.offload_optimizer_state) a run stopped
+  at step 3 and resumed ends bitwise where the run that kept it in device memory ends: the
+  state is initialised, saved and restored in host memory, and the update is the same."""
+  ref_workdir, _ = teacher_run
+  config = teacher_config(data_dir, log_every=1, offload_optimizer_state=True)
+  mesh = shard_lib.make_mesh(1, 1, devices=jax.devices()[:1])
+  stage = TeacherStage(config, pipeline.Networks(config).teacher)
+  abstract = jax.eval_shape(stage.init, jax.random.PRNGKey(0),
+                            jax.ShapeDtypeStruct((1, 8, 8, 1), np.float32),
+                            jax.ShapeDtypeStruct((1,), np.int32))
+  placed = shard_lib.train_state_shardings(abstract, mesh, optimizer_state_on_host=True)
+  kinds = lambda tree: {s.memory_kind for s in jax.tree.leaves(tree)}
+  assert kinds(placed.opt_state) == {shard_lib.HOST_MEMORY}
+  assert kinds(placed.params) == kinds(placed.ema_params) == {"device"}
+  workdir = tmp_path / "run"
+  hook = lambda step: os.kill(os.getpid(), signal.SIGINT) if step == 3 else None
+  with pytest.raises(loop.Preempted):
+    run_in_process(config, workdir, writer=RecordingWriter(on_scalars=hook))
+  summary = run_in_process(config, workdir)
+  assert summary["stages"]["teacher"]["steps_run"] == 3
+  assert_same_final_state(str(workdir), ref_workdir, "teacher", 6)
+
+
 # -- 3. damaged checkpoints ---------------------------------------------------------------------
 def _truncate(path):
   with open(path, "r+b") as f:

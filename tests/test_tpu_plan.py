@@ -120,3 +120,22 @@ def test_a_program_too_large_for_the_chip_is_a_finding_not_a_crash():
                          batch_bytes=0, hbm_bytes=planning.chips.CHIPS["v5e"].hbm_bytes,
                          message=e.message, seconds_to_compile=e.seconds_to_compile)
   assert "does NOT fit" in planning.format_row(row) and row.to_dict()["does_not_fit"]
+
+
+def test_optimizer_state_on_the_host_leaves_the_chips_hbm():
+  """<stage>.offload_optimizer_state: the compiler takes the stage's optimiser states as host
+  memory, and the chip's HBM holds that much less between steps."""
+  devices = planning.chips.slice_devices(TOPOLOGY)
+  mesh = sharding.make_mesh(2, 2, devices=devices)
+  config = _config("digits")
+  # Stage 2 moves all three optimiser states: the generator's at its update, the fake score's
+  # and the discriminator's through the scan of the k critic updates.
+  plain = programs_lib.build(config, mesh, ("distribution",))
+  config.distribution.offload_optimizer_state = True
+  for before, after in zip(plain, programs_lib.build(config, mesh, ("distribution",))):
+    assert after.optim_on_host and not before.optim_on_host
+    on_device = planning.analysis.compile_program(before, mesh)
+    on_host = planning.analysis.compile_program(after, mesh)
+    assert on_host.host_bytes >= after.optim_bytes > 0, (after.name, on_host)
+    assert (on_device.argument_bytes - on_host.argument_bytes >= after.optim_bytes), (
+        after.name, on_device, on_host)

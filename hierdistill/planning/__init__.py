@@ -38,6 +38,7 @@ class Row:
   # Model FLOPs over the same counted with each loop body once, as the compiler's cost analysis
   # counts: what its FLOPs and step-time estimate are scaled by (1: no loop; None: not counted).
   loop_factor: Optional[float] = None
+  optim_on_host: bool = False  # optim is host memory, not HBM (offload_optimizer_state)
 
   @property
   def headroom(self) -> float:
@@ -88,6 +89,7 @@ class NoFit:
   hbm_bytes: int
   message: str
   seconds_to_compile: float
+  optim_on_host: bool = False
   headroom = float("-inf")
 
   def to_dict(self) -> dict:
@@ -122,7 +124,8 @@ def plan(config, topology: str, names=None, *, count_model_flops: bool = True,
       rows.append(NoFit(name=program.name, what=program.what, params_bytes=program.params_bytes,
                         optim_bytes=program.optim_bytes, batch_bytes=program.batch_bytes,
                         hbm_bytes=chip.hbm_bytes // per_chip, message=e.message,
-                        seconds_to_compile=e.seconds_to_compile))
+                        seconds_to_compile=e.seconds_to_compile,
+                        optim_on_host=program.optim_on_host))
       if report:
         report(rows[-1])
       continue
@@ -136,7 +139,7 @@ def plan(config, topology: str, names=None, *, count_model_flops: bool = True,
               compiled=compiled, hbm_bytes=chip.hbm_bytes // per_chip,
               peak_flops=chip.peak_bf16_flops / per_chip,
               hbm_bytes_per_s=chip.hbm_bytes_per_s / per_chip, model_flops=flops,
-              loop_factor=factor)
+              loop_factor=factor, optim_on_host=program.optim_on_host)
     rows.append(row)
     if report:
       report(row)
@@ -150,10 +153,15 @@ HEADER = (f"{'program':<13} {'params':>7} {'optim':>6} {'batch':>6} {'temp':>6} 
           f"{'collectives GiB':<28} {'compile':>7}")
 
 
+def _optim(row) -> str:
+  """The optimiser state's GiB, marked h where it lives in host memory."""
+  return f"{row.optim_bytes / GiB:5.2f}h" if row.optim_on_host else f"{row.optim_bytes / GiB:6.2f}"
+
+
 def format_row(row) -> str:
   """One line of the plan's table: GiB per device, TFLOP per device, estimates marked."""
   if isinstance(row, NoFit):
-    return (f"{row.name:<13} {row.params_bytes / GiB:7.2f} {row.optim_bytes / GiB:6.2f} "
+    return (f"{row.name:<13} {row.params_bytes / GiB:7.2f} {_optim(row)} "
             f"{row.batch_bytes / GiB:6.2f}  does NOT fit (the compiler: {row.message})  "
             f"{row.seconds_to_compile:6.0f}s")
   c = row.compiled
@@ -163,7 +171,7 @@ def format_row(row) -> str:
   model = f"{row.model_flops / 1e12:7.2f}" if row.model_flops else "      ?"
   coll = " ".join(f"{_SHORT[k]}={v / GiB:.2f}"
                   for k, v in sorted(c.collective_bytes.items())) or "-"
-  return (f"{row.name:<13} {row.params_bytes / GiB:7.2f} {row.optim_bytes / GiB:6.2f} "
+  return (f"{row.name:<13} {row.params_bytes / GiB:7.2f} {_optim(row)} "
           f"{row.batch_bytes / GiB:6.2f} {c.temp_bytes / GiB:6.2f} {c.total_bytes / GiB:6.2f} "
           f"{row.hbm_bytes / GiB:5.0f} {row.headroom:8.0%}  {c.compiler_flops / 1e12:7.2f} "
           f"{seconds:7.3f}{mark:2} {model} {util}  {coll:<28} {c.seconds_to_compile:6.0f}s")
@@ -171,7 +179,8 @@ def format_row(row) -> str:
 
 LEGEND = (
     "Per device (a chip; a TensorCore on v4), GiB: params = every network's weights, EMA and the "
-    "frozen teacher; optim = optimiser states\n(both from shapes and the partition rules); batch "
+    "frozen teacher; optim = optimiser states\n(both from shapes and the partition rules; h: "
+    "in host memory, not counted in total); batch "
     "= the step's inputs; temp = the compiler's temporaries; total = the compiled program's peak\n"
     "(inputs + outputs - donated + temp), against the chip's HBM. TFLOP = the compiler's FLOPs "
     "(remat's recomputation included, a loop body\ncounted once); step s = the compiler's own "

@@ -38,6 +38,7 @@ class Program:
   params_bytes: int = 0
   optim_bytes: int = 0
   batch_bytes: int = 0
+  optim_on_host: bool = False  # the optimiser state lives in host memory (offload_optimizer_state)
 
 
 def condition_kind(config):
@@ -101,7 +102,8 @@ def _train_step(config, mesh, nets, shape, name) -> Program:
   b = int(cfg.batch_size)
   batch = _batch((b, rows) if rows > 1 else (b,), shape, nets.conditions)
   rules = config.sharding_rules
-  state_sh = sharding.state_shardings(state, mesh, rules)
+  state_sh = sharding.train_state_shardings(state, mesh, rules,
+                                            optimizer_state_on_host=common.offloads(cfg))
   frozen_sh = sharding.state_shardings(frozen, mesh, rules)
   batch_sh = jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch)
   fields = vars(state)
@@ -119,7 +121,8 @@ def _train_step(config, mesh, nets, shape, name) -> Program:
       params_bytes=(sharding.per_device_bytes(weights, pick(weights))
                     + sharding.per_device_bytes(frozen, frozen_sh)),
       optim_bytes=sharding.per_device_bytes(optim, pick(optim)),
-      batch_bytes=sharding.per_device_bytes(batch, batch_sh))
+      batch_bytes=sharding.per_device_bytes(batch, batch_sh),
+      optim_on_host=common.offloads(cfg))
 
 
 def _sampler(config, mesh, nets, shape, name) -> Program:

@@ -80,29 +80,53 @@ def ema_update(ema_params, params, decay):
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p.astype(e.dtype), ema_params, params)
 
 
+def offloads(cfg) -> bool:
+  """Whether a stage's optimiser state lives in host memory between steps (its config block's
+  offload_optimizer_state): the state's shardings say where it lives
+  (sharding.train_state_shardings), the step moves it (on_host, guarded_update)."""
+  return bool(cfg.get("offload_optimizer_state", False))
+
+
+def on_host(tree, offload: bool):
+  """`tree` typed as host memory inside a step, when the optimiser state is offloaded
+  (<stage>.offload_optimizer_state). A jitted step sees its arguments as device arrays whatever
+  their memory kind, so an offloaded state is retyped as host memory first: then moving it into
+  HBM for its update is a transfer the compiler schedules, and a scan may carry it on the host.
+  A no-op when not offloaded."""
+  return jax.device_put(tree, jax.memory.Space.Host) if offload else tree
+
+
 def guarded_update(optimizer: optax.GradientTransformation, params, opt_state, grads,
-                   finite: Array):
+                   finite: Array, offload: bool = False):
   """Applies the update only if `finite`; else keeps params and optimiser state as they were.
 
   A non-finite loss or gradient (a spike, a bad batch) must not poison Adam's moments: the
   step is skipped and counted instead (metrics 'skipped').
+
+  offload: opt_state is host memory (on_host); it comes into HBM for this update only, and the
+  new state goes back, so the rest of the step (the forward and backward passes) runs without it.
   """
+  if offload:
+    opt_state = jax.device_put(opt_state, jax.memory.Space.Device)
   updates, new_opt_state = optimizer.update(grads, opt_state, params)
   new_params = optax.apply_updates(params, updates)
   keep = lambda new, old: jnp.where(finite, new, old)
-  return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state)
+  new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+  return jax.tree.map(keep, new_params, params), on_host(new_opt_state, offload)
 
 
 def apply_gradients(optimizer: optax.GradientTransformation, state, loss: Array, grads,
-                    metrics: dict, ema_decay: float):
+                    metrics: dict, ema_decay: float, offload: bool = False):
   """The end of every train step: guarded update of state.params, EMA (decay warmed up by
   ema_decay_at), step + 1, metrics.
 
   Returns (state, metrics) with metrics extended by loss, grad_norm and skipped (1 if the
-  update was skipped for a non-finite loss or gradient).
+  update was skipped for a non-finite loss or gradient). offload: state.opt_state lives in host
+  memory (guarded_update).
   """
   finite = is_finite(loss, grads)
-  params, opt_state = guarded_update(optimizer, state.params, state.opt_state, grads, finite)
+  params, opt_state = guarded_update(optimizer, state.params, on_host(state.opt_state, offload),
+                                     grads, finite, offload)
   ema = ema_update(state.ema_params, params, ema_decay_at(ema_decay, state.step))
   metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
                  skipped=1 - finite.astype(jnp.int32))

@@ -213,6 +213,7 @@ class DistributionStage:
     k_critic, k_gen = jax.random.split(key)
 
     microbatches = int(self.cfg.get("microbatches", 1))
+    offload = common.offloads(self.cfg)
 
     def critic_update(carry, i):
       fake_params, fake_opt, disc_params, disc_opt = carry
@@ -225,15 +226,16 @@ class DistributionStage:
           loss_fn, (fake_params, disc_params), rows, microbatches)
       finite = common.is_finite(loss, (g_fake, g_disc))
       fake_params, fake_opt = common.guarded_update(self.fake_optimizer, fake_params, fake_opt,
-                                                    g_fake, finite)
+                                                    g_fake, finite, offload)
       disc_params, disc_opt = common.guarded_update(self.disc_optimizer, disc_params, disc_opt,
-                                                    g_disc, finite)
+                                                    g_disc, finite, offload)
       metrics = dict(metrics, critic_loss=loss, fake_grad_norm=optax.global_norm(g_fake),
                      disc_grad_norm=optax.global_norm(g_disc),
                      critic_skipped=1 - finite.astype(jnp.int32))
       return (fake_params, fake_opt, disc_params, disc_opt), metrics
 
-    carry = (state.fake_params, state.fake_opt_state, state.disc_params, state.disc_opt_state)
+    carry = (state.fake_params, common.on_host(state.fake_opt_state, offload),
+             state.disc_params, common.on_host(state.disc_opt_state, offload))
     carry, critic_metrics = jax.lax.scan(critic_update, carry, jnp.arange(self.k))
     fake_params, fake_opt, disc_params, disc_opt = carry
     critic_metrics = jax.tree.map(jnp.mean, critic_metrics)
@@ -248,7 +250,7 @@ class DistributionStage:
     state = state.replace(fake_params=fake_params, fake_opt_state=fake_opt,
                           disc_params=disc_params, disc_opt_state=disc_opt)
     return common.apply_gradients(self.optimizer, state, loss, grads,
-                                  dict(metrics, **critic_metrics), self.cfg.ema_decay)
+                                  dict(metrics, **critic_metrics), self.cfg.ema_decay, offload)
 
   def sample(self, params, noise, c, *, num_steps=1):
     return self.trajectory.sample(params, noise, c, num_steps=num_steps)

@@ -25,6 +25,7 @@ from hierdistill import checkpoint as ckpt_lib
 from hierdistill import profiling
 from hierdistill import sharding as shard_lib
 from hierdistill.evaluation import token_view
+from hierdistill.stages import common
 
 # Exit status of a run stopped by SIGTERM/SIGINT after saving: a scheduler may requeue it.
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL
@@ -173,7 +174,9 @@ def run_stage(stage, *, config, workdir: str, mesh, pipeline, frozen: dict,
   if ckpts.latest_step() is not None:
     handoff_abstract = init_inputs(abstract=True)
     abstract_state = jax.eval_shape(init_fn, rng, handoff_abstract)
-    shardings = shard_lib.state_shardings(abstract_state, mesh, config.sharding_rules)
+    shardings = shard_lib.train_state_shardings(
+        abstract_state, mesh, config.sharding_rules,
+        optimizer_state_on_host=common.offloads(cfg))
     restored = ckpts.restore_latest(shard_lib.with_shardings(abstract_state, shardings))
   if restored is not None:
     state, meta, start_step = restored
@@ -184,7 +187,9 @@ def run_stage(stage, *, config, workdir: str, mesh, pipeline, frozen: dict,
     health = _new_health()
     handoff = init_inputs(abstract=False)
     abstract_state = jax.eval_shape(init_fn, rng, handoff)
-    shardings = shard_lib.state_shardings(abstract_state, mesh, config.sharding_rules)
+    shardings = shard_lib.train_state_shardings(
+        abstract_state, mesh, config.sharding_rules,
+        optimizer_state_on_host=common.offloads(cfg))
     state = jax.jit(init_fn, out_shardings=shardings)(rng, handoff)
     start_step = 0
   del handoff

@@ -63,7 +63,7 @@ class TeacherStage:
     (loss, metrics), grads = common.accumulate_gradients(
         loss_fn, state.params, {"x": x, "noise": noise, "t": t, "c": c}, microbatches)
     return common.apply_gradients(self.optimizer, state, loss, grads, metrics,
-                                  self.cfg.ema_decay)
+                                  self.cfg.ema_decay, common.offloads(self.cfg))
 
   def sample(self, params, noise, c, *, num_steps=None):
     """Teacher samples with its configured ODE solver, step count and guidance."""

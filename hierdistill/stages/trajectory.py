@@ -87,7 +87,7 @@ class TrajectoryStage:
     (loss, metrics), grads = common.accumulate_gradients(
         loss_fn, state.params, rows, int(self.cfg.get("microbatches", 1)))
     return common.apply_gradients(self.optimizer, state, loss, grads, metrics,
-                                  self.cfg.ema_decay)
+                                  self.cfg.ema_decay, common.offloads(self.cfg))
 
   def sample(self, params, noise, c, *, num_steps=1):
     """One-step (or k-step) samples of the flow map: x = e - u(e, 0, 1 | c)."""
