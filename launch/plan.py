@@ -18,7 +18,7 @@ Flags:
 
 Every figure is the TPU compiler's plan (memory) or estimate (times, utilisation) for a slice
 that was never run. Exit status 2 with one line for a mistake in the command or config, or when
-libtpu is missing. Full-size programs take minutes each to compile on a small host.
+libtpu is missing; 3 when a program does not fit the slice (its rows are printed and written). Full-size programs take minutes each to compile on a small host.
 """
 import os
 import sys
@@ -64,12 +64,15 @@ def main(argv):
     sys.exit(2)
   micro = ", ".join(str(getattr(config, s).get("microbatches", 1))
                     for s in ("teacher", "trajectory", "distribution"))
+  offloaded = ", ".join(s for s in ("teacher", "trajectory", "distribution")
+                        if getattr(config, s).get("offload_optimizer_state", False))
   print(f"{config.name} on {_TOPOLOGY.value} ({chip.name}: {chip.hbm_bytes / 2**30:.0f} GiB HBM, "
         f"{chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 a chip; {planning.chips.SOURCE}), mesh "
         f"data={config.mesh.data} fsdp={config.mesh.fsdp}, frozen teacher "
         f"{config.get('frozen_param_dtype', 'float32')}, remat "
         f"{config.model.get('remat', False)} ({config.model.get('remat_policy', '-')}), "
-        f"micro-batches {micro} (teacher, stage 1, stage 2)", flush=True)
+        f"micro-batches {micro} (teacher, stage 1, stage 2), optimiser state on the host: "
+        f"{offloaded or 'none'}", flush=True)
   print(planning.LEGEND)
   print("\n" + planning.HEADER)
   t0 = time.time()
@@ -92,10 +95,12 @@ def main(argv):
   if isinstance(worst, planning.NoFit):
     print(f"\n{worst.name} does NOT fit {_TOPOLOGY.value}: {worst.message}; planned in "
           f"{time.time() - t0:.0f} s")
-    return
+    sys.exit(3)
   print(f"\nlargest: {worst.name}, {worst.compiled.total_bytes / 2**30:.2f} of "
         f"{worst.hbm_bytes / 2**30:.0f} GiB ({worst.headroom:.0%} headroom); "
         f"{'fits' if worst.headroom >= 0 else 'does NOT fit'}; planned in {time.time() - t0:.0f} s")
+  if worst.headroom < 0:
+    sys.exit(3)
 
 
 if __name__ == "__main__":
