@@ -93,6 +93,8 @@ def key_of(config, topology, overrides, program) -> str:
   step; the samplers none of them), so changing one stage's lever keeps the others' rows."""
   other_stages = [s for s in ("trajectory", "distribution") if s != program]
   kept = [o for o in overrides if not any(o.startswith(f"--config.{s}.") for s in other_stages)]
+  if program in ("sampler", "generator"):  # they read the trained networks, never the frozen copy
+    kept = [o for o in kept if not o.startswith("--config.frozen_param_dtype=")]
   return "|".join((config, topology, " ".join(kept), program))
 
 
