@@ -18,7 +18,8 @@ Flags:
 
 Every figure is the TPU compiler's plan (memory) or estimate (times, utilisation) for a slice
 that was never run. Exit status 2 with one line for a mistake in the command or config, or when
-libtpu is missing; 3 when a program does not fit the slice (its rows are printed and written). Full-size programs take minutes each to compile on a small host.
+libtpu is missing; 3 when a program does not fit the slice (its rows are printed and written).
+Full-size programs take minutes each to compile on a small host.
 """
 import os
 import sys
