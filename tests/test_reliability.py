@@ -298,11 +298,8 @@ def test_optimizer_state_on_the_host_saves_and_resumes_bitwise(teacher_run, data
   ref_workdir, _ = teacher_run
   config = teacher_config(data_dir, log_every=1, offload_optimizer_state=True)
   mesh = shard_lib.make_mesh(1, 1, devices=jax.devices()[:1])
-  stage = TeacherStage(config, pipeline.Networks(config).teacher)
-  abstract = jax.eval_shape(stage.init, jax.random.PRNGKey(0),
-                            jax.ShapeDtypeStruct((1, 8, 8, 1), np.float32),
-                            jax.ShapeDtypeStruct((1,), np.int32))
-  placed = shard_lib.train_state_shardings(abstract, mesh, optimizer_state_on_host=True)
+  placed = shard_lib.train_state_shardings(_abstract_teacher_state(config), mesh,
+                                           optimizer_state_on_host=True)
   kinds = lambda tree: {s.memory_kind for s in jax.tree.leaves(tree)}
   assert kinds(placed.opt_state) == {shard_lib.HOST_MEMORY}
   assert kinds(placed.params) == kinds(placed.ema_params) == {"device"}
@@ -460,13 +457,18 @@ def test_checkpoint_of_a_4x2_mesh_resumes_on_1_device_and_on_8x1(teacher_run, tm
                                                            rtol=1e-4, atol=1e-6), got, want)
 
 
+def _abstract_teacher_state(config):
+  """The tiny digits teacher's TrainState as shapes (nothing allocated)."""
+  stage = TeacherStage(config, pipeline.Networks(config).teacher)
+  return jax.eval_shape(stage.init, jax.random.PRNGKey(0),
+                        jax.ShapeDtypeStruct((1, 8, 8, 1), np.float32),
+                        jax.ShapeDtypeStruct((1,), np.int32))
+
+
 def _restore_at(workdir, config, step, devices, mesh_shape):
   """(state, meta) of the teacher's checkpoint at `step`, restored onto a mesh over devices."""
   mesh = shard_lib.make_mesh(*mesh_shape, devices=devices)
-  stage = TeacherStage(config, pipeline.Networks(config).teacher)
-  x = jax.ShapeDtypeStruct((1, 8, 8, 1), np.float32)
-  y = jax.ShapeDtypeStruct((1,), np.int32)
-  abstract = jax.eval_shape(stage.init, jax.random.PRNGKey(0), x, y)
+  abstract = _abstract_teacher_state(config)
   target = shard_lib.with_shardings(
       abstract, shard_lib.state_shardings(abstract, mesh, config.sharding_rules))
   ckpts = ckpt_lib.StageCheckpoints(workdir, "teacher")
