@@ -1,0 +1,85 @@
+"""Stage 2's two-step rows (distribution.two_step_fraction): a share of the generator's rows is
+drawn by the flow map's two-step path, so that DMD and the adversarial term reach the intervals
+that two-step sampling reads. The path must be the sampler's, and the lever must change the
+step only when it is on.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hierdistill import pipeline
+from hierdistill import sources
+from hierdistill.config_checks import ConfigError, validate_config
+from test_levers import one_step, tiny
+
+
+def _stage_and_params(config):
+  nets = pipeline.Networks(config, sources.source_class(config.data.name).condition_kind(config))
+  c1 = jax.tree.map(jnp.asarray, nets.conditions.example(1))
+  x1, t1 = jnp.zeros((1, 8, 8, 1)), jnp.ones((1,))
+  params = nets.student.init(jax.random.PRNGKey(0), x1, t1, t1, c1)["params"]
+  # The zero-initialised output layer would make u = 0 and every path equal: perturb it.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  params = jax.tree.unflatten(tree, [a + 0.05 * jax.random.normal(k, a.shape, a.dtype)
+                                     for a, k in zip(leaves, keys)])
+  return pipeline.build_stage("distribution", config, nets), params
+
+
+def test_two_step_rows_follow_the_samplers_path():
+  stage, params = _stage_and_params(tiny())
+  b = 6
+  noise = jax.random.normal(jax.random.PRNGKey(2), (b, 8, 8, 1))
+  c = jnp.arange(b) % 10
+  one = stage.generate(params, noise, c)
+  two = stage.sample(params, noise, c, num_steps=2)
+  # m = 0.5 is the uniform two-step sampler; m = 0 is G itself, to the bit.
+  np.testing.assert_allclose(stage.generate(params, noise, c, jnp.full((b,), 0.5)), two,
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(stage.generate(params, noise, c, jnp.zeros((b,))), one)
+  assert float(jnp.max(jnp.abs(two - one))) > 1e-3  # the two paths differ here
+  mixed = stage.generate(params, noise, c, jnp.array([0.5, 0.0] * 3))
+  np.testing.assert_allclose(mixed[0::2], two[0::2], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(mixed[1::2], one[1::2])
+
+
+def test_two_step_rows_are_drawn_at_the_configured_share():
+  config = tiny()
+  config.distribution.update(two_step_fraction=0.25, two_step_mid=0.4)
+  stage, _ = _stage_and_params(config)
+  t_mid = stage.two_step_rows(jax.random.PRNGKey(3), 4000)
+  assert set(np.unique(np.asarray(t_mid)).tolist()) == {0.0, np.float32(0.4)}
+  assert abs(float(jnp.mean(t_mid > 0)) - 0.25) < 0.03
+  config.distribution.two_step_fraction = 0.0
+  assert _stage_and_params(config)[0].two_step_rows(jax.random.PRNGKey(3), 8) is None
+
+
+def test_two_step_rows_change_the_step_only_when_on():
+  plain = one_step(tiny(class_dropout_prob=0.0), "distribution")
+  config = tiny(class_dropout_prob=0.0)
+  config.distribution.two_step_fraction = 0.0
+  config.distribution.two_step_mid = 0.3  # unread while the fraction is 0
+  same = one_step(config, "distribution")
+  for a, b in zip(jax.tree.leaves(plain[1]), jax.tree.leaves(same[1])):
+    np.testing.assert_array_equal(a, b)
+  config.distribution.two_step_fraction = 1.0
+  metrics, state = one_step(config, "distribution")
+  assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+  assert metrics["critic_skipped"] == 0
+  # The generator's loss and gradient, and the fake network's (it learns from the two-step
+  # samples too), are another step's, not a rounding apart.
+  for key in ("loss", "grad_norm", "fake_flow_matching_mse", "fake_grad_norm"):
+    assert abs(metrics[key] - plain[0][key]) > 1e-3 * abs(plain[0][key]), key
+  moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(state.fake_params),
+                                                  jax.tree.leaves(plain[1].fake_params))]
+  assert sum(moved) > len(moved) // 2
+
+
+@pytest.mark.parametrize("key, value", [("two_step_fraction", 1.5), ("two_step_fraction", -0.1),
+                                        ("two_step_mid", 1.0), ("two_step_mid", 0.0)])
+def test_bad_two_step_settings_are_named(key, value):
+  config = tiny()
+  config.distribution[key] = value
+  with pytest.raises(ConfigError, match=f"distribution.{key}"):
+    validate_config(config)
