@@ -35,8 +35,9 @@ class Row:
   peak_flops: float  # bf16, per device
   hbm_bytes_per_s: float
   model_flops: Optional[float]  # per device; None when not counted
-  # Model FLOPs over the same counted with each loop body once, as the compiler's cost analysis
-  # counts: what its FLOPs and step-time estimate are scaled by (1: no loop; None: not counted).
+  # Model FLOPs over the same counted as the compiler's cost analysis counts them (a loop it
+  # kept: one trip; a loop it unrolled: every trip): what its FLOPs and step-time estimate are
+  # scaled by (1: no loop kept; None: not counted).
   loop_factor: Optional[float] = None
   optim_on_host: bool = False  # optim is host memory, not HBM (offload_optimizer_state)
 
@@ -49,7 +50,7 @@ class Row:
   def step_seconds(self) -> tuple:
     """(seconds, source): the compiler's own estimate when it gives one, else the roofline of
     its counts, max(FLOPs / peak, bytes accessed / HBM bandwidth); either scaled by the loop
-    factor, since the compiler counts a loop body once. Estimates, all of them."""
+    factor, since the compiler counts the body of a loop it kept once. Estimates, all of them."""
     c = self.compiled
     if c.optimal_seconds:
       seconds, source = c.optimal_seconds, "compiler"
@@ -132,8 +133,8 @@ def plan(config, topology: str, names=None, *, count_model_flops: bool = True,
     flops = factor = None
     if no_remat is not None:
       (plain,) = programs.build(no_remat, mesh, (program.name,))
-      total, once = analysis.model_flops(plain)
-      flops, factor = total / len(devices), (total / once if once else 1.0)
+      total, counted = analysis.model_flops(plain, compiled.loop_trip_counts)
+      flops, factor = total / len(devices), (total / counted if counted else 1.0)
     row = Row(name=program.name, what=program.what, params_bytes=program.params_bytes,
               optim_bytes=program.optim_bytes, batch_bytes=program.batch_bytes,
               compiled=compiled, hbm_bytes=chip.hbm_bytes // per_chip,
@@ -183,10 +184,10 @@ LEGEND = (
     "in host memory, not counted in total); batch "
     "= the step's inputs; temp = the compiler's temporaries; total = the compiled program's peak\n"
     "(inputs + outputs - donated + temp), against the chip's HBM. TFLOP = the compiler's FLOPs "
-    "(remat's recomputation included, a loop body\ncounted once); step s = the compiler's own "
-    "step-time estimate, or, marked r, the roofline of its counts (max of FLOPs / peak,\nbytes / "
-    "HBM bandwidth), marked * when scaled by the loops' trip counts (model FLOPs per trip over "
-    "model FLOPs with each loop\nbody once); model = the model's TFLOP (matmuls and convolutions "
+    "(remat's recomputation included, the body of a\nloop it kept counted once); step s = the "
+    "compiler's own step-time estimate, or, marked r, the roofline of its counts (max of\nFLOPs "
+    "/ peak, bytes / HBM bandwidth), marked * when scaled by the loops' trip counts (model FLOPs "
+    "over model FLOPs counted\nas the compiler counts them); model = the model's TFLOP (matmuls and convolutions "
     "of the step's math, no remat); util = model / (step s x bf16\npeak). Estimates, never "
     "measurements. collectives: GiB of results of each all-gather (ag), all-reduce (ar),\n"
     "reduce-scatter (rs), all-to-all (aa), collective-permute (cp) as written in the program (a "

@@ -9,6 +9,7 @@ reserve); times and utilisations are estimates.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 import time
@@ -40,6 +41,9 @@ class Compiled:
   bytes_accessed: float
   optimal_seconds: Optional[float]  # the compiler's own step-time estimate (None: not given)
   collective_bytes: dict  # kind -> bytes of the results, each op as written once
+  # The trip count of each while loop the compiled program kept (0: not read): a loop the
+  # compiler unrolled is counted whole by its cost analysis, a kept one once (model_flops).
+  loop_trip_counts: tuple = ()
 
   @property
   def total_bytes(self) -> int:
@@ -75,6 +79,7 @@ def compile_program(program, mesh) -> Compiled:
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
   optimal = cost.get("optimal_seconds")
+  text = compiled.as_text()
   host = sum(int(getattr(mem, f"host_{k}_size_in_bytes", 0) or 0)
              for k in ("argument", "output", "temp"))
   return Compiled(
@@ -84,7 +89,7 @@ def compile_program(program, mesh) -> Compiled:
       compiler_flops=float(cost.get("flops", 0.0)),
       bytes_accessed=float(cost.get("bytes accessed", 0.0)),
       optimal_seconds=float(optimal) if optimal is not None and optimal > 0 else None,
-      collective_bytes=collective_bytes(compiled.as_text()))
+      collective_bytes=collective_bytes(text), loop_trip_counts=loop_trip_counts(text))
 
 
 def collective_bytes(hlo_text: str) -> dict:
@@ -105,19 +110,58 @@ def collective_bytes(hlo_text: str) -> dict:
   return out
 
 
-def model_flops(program) -> tuple:
-  """(FLOPs, FLOPs with each loop body counted once) of the program's matmuls and convolutions
-  (dot_general, conv) as its jaxpr asks for them, for the whole global batch: the model's
-  FLOPs, without the recomputation remat adds and without elementwise work (trace `program`
-  from a config with remat off). The second figure counts as XLA's cost analysis does (a loop
-  body once, whatever its trip count: stage 2's k critic updates, the micro-batches, a
-  sampler's steps); their ratio scales the compiler's estimates to the whole step."""
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(", re.M)
+_WHILE_CONDITION = re.compile(r"\bwhile\(.*?condition=%?([\w.\-]+)")
+_BOUND = re.compile(r"= s32\[\]\S* constant\((\d+)\)")
+
+
+def loop_trip_counts(hlo_text: str) -> tuple:
+  """The trip count of each while loop in a compiled HLO module's text, in the order written:
+  the constant its condition compares the counter against (scan's `i < length`); 0 where the
+  condition holds no such constant."""
+  starts = [(m.start(), m.group(1)) for m in _COMPUTATION.finditer(hlo_text)]
+  bodies = {name: hlo_text[start:end] for (start, name), (end, _) in
+            zip(starts, starts[1:] + [(len(hlo_text), "")])}
+  counts = []
+  for m in _WHILE_CONDITION.finditer(hlo_text):
+    bound = _BOUND.findall(bodies.get(m.group(1), ""))
+    counts.append(int(bound[0]) if len(bound) == 1 else 0)
+  return tuple(counts)
+
+
+@dataclasses.dataclass
+class _Loop:
+  """A scan of the program's jaxpr: its trip count, the FLOPs of one trip outside the loops
+  nested in it, and those loops."""
+  length: int
+  flops: float
+  inner: list
+
+
+def model_flops(program, trip_counts=None) -> tuple:
+  """(FLOPs, FLOPs counted as the compiled program's cost analysis counts them) of the
+  program's matmuls and convolutions (dot_general, conv) as its jaxpr asks for them, for the
+  whole global batch: the model's FLOPs, without the recomputation remat adds and without
+  elementwise work (trace `program` from a config with remat off).
+
+  XLA's cost analysis counts a while loop's body once, whatever its trip count (stage 2's k
+  critic updates, the micro-batches, a sampler's steps), but the compiler may unroll a loop
+  (stage 2's critic loop, when the optimiser states it carries live in host memory), and then
+  counts every trip. `trip_counts` (Compiled.loop_trip_counts) says which loops the compiled
+  program kept: the second figure counts those once and the unrolled ones whole, so the ratio
+  of the two scales the compiler's estimates to the whole step. Without it every loop is taken
+  as kept."""
   jaxpr = jax.make_jaxpr(program.fn)(*program.args)
-  return _jaxpr_flops(jaxpr.jaxpr), _jaxpr_flops(jaxpr.jaxpr, per_trip=False)
+  outside, loops = _flops_and_loops(jaxpr.jaxpr)
+  unrolled = _unrolled_loops(loops, trip_counts)
+  whole = outside + sum(_as_counted(loop, everything=True) for loop in loops)
+  counted = outside + sum(_as_counted(loop, unrolled=unrolled) for loop in loops)
+  return whole, counted
 
 
-def _jaxpr_flops(jaxpr, per_trip: bool = True) -> float:
-  total = 0.0
+def _flops_and_loops(jaxpr) -> tuple:
+  """(matmul and conv FLOPs outside any scan, [_Loop] of the scans at this level)."""
+  total, loops = 0.0, []
   for eqn in jaxpr.eqns:
     prim = eqn.primitive.name
     if prim == "dot_general":
@@ -130,14 +174,53 @@ def _jaxpr_flops(jaxpr, per_trip: bool = True) -> float:
       out = eqn.outvars[0].aval.shape
       out_feature_dim = eqn.params["dimension_numbers"].rhs_spec[0]
       total += 2.0 * math.prod(out) * math.prod(rhs) / rhs[out_feature_dim]
-    subs = list(jax.extend.core.jaxprs_in_params(eqn.params))
+    subs = [_flops_and_loops(s) for s in jax.extend.core.jaxprs_in_params(eqn.params)]
     if not subs:
       continue
-    inner = [_jaxpr_flops(s, per_trip) for s in subs]
-    if prim == "scan" and per_trip:
-      total += eqn.params["length"] * sum(inner)
-    elif prim == "cond":
-      total += max(inner)
+    if prim == "scan":
+      loops.append(_Loop(int(eqn.params["length"]), sum(f for f, _ in subs),
+                         [loop for _, inner in subs for loop in inner]))
+    elif prim == "cond":  # the costlier branch; its loops are not counted
+      total += max(f + sum(_as_counted(l, everything=True) for l in inner) for f, inner in subs)
     else:
-      total += sum(inner)
-  return total
+      total += sum(f for f, _ in subs)
+      loops += [loop for _, inner in subs for loop in inner]
+  return total, loops
+
+
+def _as_counted(loop, *, everything=False, unrolled=frozenset()) -> float:
+  """A loop's FLOPs: every trip (everything, or an unrolled loop), else one trip."""
+  one_trip = loop.flops + sum(_as_counted(l, everything=everything, unrolled=unrolled)
+                              for l in loop.inner)
+  return one_trip * (loop.length if everything or id(loop) in unrolled else 1)
+
+
+def _whiles_left(loop, unrolled) -> list:
+  """The trip counts of the while loops a compiled program holds for `loop` and the loops in
+  it, when the loops in `unrolled` are unrolled: an unrolled loop repeats its inner ones."""
+  inner = [n for l in loop.inner for n in _whiles_left(l, unrolled)]
+  return inner * loop.length if id(loop) in unrolled else [loop.length] + inner
+
+
+def _unrolled_loops(loops, trip_counts) -> frozenset:
+  """The ids of the loops the compiler unrolled: the fewest whose unrolling leaves exactly the
+  while loops (by trip count) the compiled program holds. Loops of one trip are always
+  unrolled; none else when the trip counts are unknown or nothing explains them."""
+  every = []
+  stack = list(loops)
+  while stack:
+    loop = stack.pop()
+    every.append(loop)
+    stack += loop.inner
+  single = frozenset(id(l) for l in every if l.length <= 1)
+  if trip_counts is None:
+    return single
+  lengths = {l.length for l in every}
+  held = sorted(n for n in trip_counts if n in lengths and n > 1)
+  candidates = [l for l in every if l.length > 1]
+  for size in range(len(candidates) + 1):
+    for chosen in itertools.combinations(candidates, size):
+      unrolled = single | {id(l) for l in chosen}
+      if sorted(n for l in loops for n in _whiles_left(l, unrolled) if n > 1) == held:
+        return unrolled
+  return single
