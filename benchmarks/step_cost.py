@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 from experiments.common import base_config  # noqa: E402
 from hierdistill import pipeline  # noqa: E402
 from hierdistill.models import dit_config  # noqa: E402
+from hierdistill.planning import analysis  # noqa: E402
 from hierdistill.stages import common  # noqa: E402
 from hierdistill.stages.distribution import DistributionStage  # noqa: E402
 from hierdistill.stages.teacher import TeacherStage  # noqa: E402
@@ -195,7 +196,7 @@ def forwards_per_step(config, nets, shape) -> dict:
   analysis of the steps compiled (never run) for this config, on abstract inputs.
 
   Returns {'trajectory': ..., 'distribution': ...}. Stage 2's scan over its k critic updates is
-  counted k times (XLA counts a loop's body once). hd_curves.py draws training cost with it.
+  counted k times (XLA counts the body of a loop it kept once). hd_curves.py draws training cost with it.
   """
   key = jax.random.PRNGKey(0)
   ex_x = jnp.zeros((1,) + tuple(shape), jnp.float32)
@@ -229,14 +230,16 @@ def forwards_per_step(config, nets, shape) -> dict:
   k = stage2.k
   state2 = jax.eval_shape(lambda r, i: stage2.init(r, ex_x, ex_c, i), key,
                           {"generator": student, "teacher": teacher})
-  step_flops = _flops(jax.jit(stage2.train_step).lower(
-      state2, frozen, batch_of(b2, k + 1)).compile())
+  compiled = jax.jit(stage2.train_step).lower(state2, frozen, batch_of(b2, k + 1)).compile()
+  step_flops = _flops(compiled)
+  # A compiler that unrolled the critic loop has counted every update already.
+  kept = k in analysis.loop_trip_counts(compiled.as_text())
   one = batch_of(b2)
   draws = jax.eval_shape(stage2.critic_draws, key, one["x"])
   critic_flops = _flops(jax.jit(jax.value_and_grad(stage2.critic_loss, has_aux=True)).lower(
       (state2.fake_params, state2.disc_params), state2.params, teacher, one["x"], one["c"],
       draws).compile())
-  out["distribution"] = (step_flops + (k - 1) * critic_flops) / forward_flops(b2)
+  out["distribution"] = (step_flops + (k - 1) * critic_flops * kept) / forward_flops(b2)
   return out
 
 
