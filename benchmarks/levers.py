@@ -25,6 +25,8 @@ LEVERS = {
   # for a share of the rows: the path the uniform two-step sampler reads.
   "two-step rows 0.25": {"two_step_fraction": 0.25},
   "two-step rows 0.5": {"two_step_fraction": 0.5},
+  # The same on DMD2's re-noised path: the one-step sample noised back to m, then u(z_m, 0, m).
+  "re-noised two-step rows 0.5": {"two_step_fraction": 0.5, "two_step_path": "renoised"},
   "teacher features": {"discriminator.features": "teacher"},
     "tau 0.3": {"discriminator.tau": 0.3},
     "DMD t from 0.2": {"dmd_t_min": 0.2},

@@ -16,7 +16,7 @@ Scored as hd_table.py scores (same reference, feature net, sample count). Beside
 MeanFlow residual of each model on each interval the paths read (stage 1's loss, per element,
 against the guided teacher's target, on the same 512 training examples and noise): whether
 stage 2 left the other intervals of the flow map where stage 1 put them. Writes
-<out>/<experiment>/seed<S>/two_step.json and .md.
+<out>/<experiment>/seed<S>/two_step.json and .md (two_step_<lever>.* with --lever).
 
   python benchmarks/two_step.py --experiment=digits --seed=0 --step=1200
 """
@@ -130,8 +130,11 @@ def main(argv):
             f"recall {row['recall']:.3f}", flush=True)
   out_dir = os.path.join(hd_curves.experiment_dir(), f"seed{seed}")
   os.makedirs(out_dir, exist_ok=True)
+  # --lever reads that lever's runs: their own files, beside the plain runs'.
+  lever = flags.FLAGS.lever
+  name = "two_step" + (("_" + lever).replace(" ", "_") if lever else "")
   hd_curves.save_json({"rows": rows, "meanflow_residuals": residuals},
-                      os.path.join(out_dir, "two_step.json"))
+                      os.path.join(out_dir, name + ".json"))
   paths = list(fns)
   lines = ["| model | " + " | ".join(paths) + " |", "|---" + "|---:" * len(paths) + "|"]
   for model in models:
@@ -144,7 +147,7 @@ def main(argv):
   for model, res in residuals.items():
     lines.append(f"| {model} | " + " | ".join(f"{res[k]:.4f}" for k in keys) + " |")
   text = f"{fd} by sampling path (seed {seed})\n\n" + "\n".join(lines)
-  with open(os.path.join(out_dir, "two_step.md"), "w") as f:
+  with open(os.path.join(out_dir, name + ".md"), "w") as f:
     f.write(text + "\n")
   print(text)
 

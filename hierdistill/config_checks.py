@@ -13,6 +13,7 @@ TRAINING_STAGES = ("teacher", "trajectory", "distribution")
 DISCRIMINATOR_POOLINGS = ("awd", "mean")
 FEATURE_SOURCES = ("fake", "teacher")
 INIT_SOURCES = ("trajectory", "teacher")
+TWO_STEP_PATHS = ("flow", "renoised")  # distribution.two_step_path: DistributionStage.generate
 # Storage dtypes of the frozen teacher (the real score) in stages 1 and 2.
 FROZEN_DTYPES = ("float32", "bfloat16")
 EXIT_CODE = 2  # the conventional exit status of a command-line usage error
@@ -113,6 +114,9 @@ def validate_config(config) -> None:
   if isinstance(mid, bool) or not isinstance(mid, (int, float)) or not 0 < mid < 1:
     raise ConfigError(f"config.distribution.two_step_mid={mid!r}; give the two-step path's "
                       "intermediate time, a number strictly between 0 and 1.")
+  if dist.get("two_step_path", "flow") not in TWO_STEP_PATHS:
+    raise ConfigError(f"config.distribution.two_step_path={dist.two_step_path!r}; choose from "
+                      f"{TWO_STEP_PATHS}.")
   m = config.model
   if m.name == "dit" and m.input_size % m.patch_size:
     raise ConfigError(f"config.model.input_size={m.input_size} is not divisible by "

@@ -44,15 +44,44 @@ def test_two_step_rows_follow_the_samplers_path():
   np.testing.assert_array_equal(mixed[1::2], one[1::2])
 
 
+def test_renoised_rows_jump_from_the_noised_one_step_sample():
+  stage, params = _stage_and_params(tiny())
+  b = 6
+  noise, renoise = jax.random.normal(jax.random.PRNGKey(2), (2, b, 8, 8, 1))
+  c = jnp.arange(b) % 10
+  m = jnp.array([0.5, 0.0] * 3)
+  one = stage.generate(params, noise, c)
+  z = 0.5 * one + 0.5 * renoise
+  u = stage.student.apply({"params": params}, z, jnp.zeros((b,)), jnp.full((b,), 0.5), c)
+  renoised = lambda p: stage.generate(p, noise, c, m, renoise)
+  out = renoised(params)
+  np.testing.assert_allclose(out[0::2], (z - 0.5 * u)[0::2], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(out[1::2], one[1::2])
+  # Only the second jump of a re-noised row is trained: its gradient is the jump's alone.
+  rows = jnp.array([1.0, 0.0] * 3).reshape(b, 1, 1, 1)
+  grad = jax.grad(lambda p: jnp.sum(rows * renoised(p)))(params)
+  z_fixed = jax.lax.stop_gradient(z)
+  second = lambda p: z_fixed - 0.5 * stage.student.apply(
+      {"params": p}, z_fixed, jnp.zeros((b,)), jnp.full((b,), 0.5), c)
+  expected = jax.grad(lambda p: jnp.sum(rows * second(p)))(params)
+  for a, e in zip(jax.tree.leaves(grad), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
+
+
 def test_two_step_rows_are_drawn_at_the_configured_share():
   config = tiny()
   config.distribution.update(two_step_fraction=0.25, two_step_mid=0.4)
   stage, _ = _stage_and_params(config)
-  t_mid = stage.two_step_rows(jax.random.PRNGKey(3), 4000)
-  assert set(np.unique(np.asarray(t_mid)).tolist()) == {0.0, np.float32(0.4)}
-  assert abs(float(jnp.mean(t_mid > 0)) - 0.25) < 0.03
+  x = jnp.zeros((4000, 8, 8, 1))
+  draws = stage.two_step_draws(jax.random.PRNGKey(3), x)
+  assert set(draws) == {"t_mid"}
+  assert set(np.unique(np.asarray(draws["t_mid"])).tolist()) == {0.0, np.float32(0.4)}
+  assert abs(float(jnp.mean(draws["t_mid"] > 0)) - 0.25) < 0.03
+  config.distribution.two_step_path = "renoised"
+  draws = _stage_and_params(config)[0].two_step_draws(jax.random.PRNGKey(3), x)
+  assert draws["renoise"].shape == x.shape and abs(float(jnp.std(draws["renoise"])) - 1) < 0.01
   config.distribution.two_step_fraction = 0.0
-  assert _stage_and_params(config)[0].two_step_rows(jax.random.PRNGKey(3), 8) is None
+  assert _stage_and_params(config)[0].two_step_draws(jax.random.PRNGKey(3), x) == {}
 
 
 def test_two_step_rows_change_the_step_only_when_on():
@@ -77,7 +106,8 @@ def test_two_step_rows_change_the_step_only_when_on():
 
 
 @pytest.mark.parametrize("key, value", [("two_step_fraction", 1.5), ("two_step_fraction", -0.1),
-                                        ("two_step_mid", 1.0), ("two_step_mid", 0.0)])
+                                        ("two_step_mid", 1.0), ("two_step_mid", 0.0),
+                                        ("two_step_path", "uniform")])
 def test_bad_two_step_settings_are_named(key, value):
   config = tiny()
   config.distribution[key] = value

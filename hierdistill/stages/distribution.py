@@ -66,12 +66,14 @@ class DistributionStage:
     self.trajectory = TrajectoryStage(config, student, teacher, conditions)
 
   # -- networks -------------------------------------------------------------------------------
-  def generate(self, params, noise, c, t_mid=None):
+  def generate(self, params, noise, c, t_mid=None, renoise=None):
     """G(e | c) = e - u_theta(e, 0, 1 | c).
 
-    With t_mid (B,), a row whose m = t_mid > 0 is drawn by the flow map's two-step path
-    instead: z_m = e - (1 - m) u(e, m, 1), then x = z_m - m u(z_m, 0, m). At m = 0 the first
-    jump is G's and the second moves nothing, so one-step and two-step rows share one program.
+    With t_mid (B,), a row whose m = t_mid > 0 is drawn by a two-step path instead (m = 0
+    leaves G's row as it is, so one-step and two-step rows share one program):
+      the flow map's own (renoise None): z_m = e - (1 - m) u(e, m, 1), x = z_m - m u(z_m, 0, m);
+      re-noised, DMD2's multi-step (renoise e', fresh noise): z_m = (1 - m) sg(G(e)) + m e',
+      x = z_m - m u(z_m, 0, m), a gradient through the second jump only.
     """
     b = noise.shape[0]
     e = noise.astype(jnp.float32)
@@ -79,23 +81,31 @@ class DistributionStage:
       u = common.apply_model(self.student, params, noise, jnp.zeros((b,)), jnp.ones((b,)), c)
       return e - u.astype(jnp.float32)
     m = t_mid.reshape((b,) + (1,) * (e.ndim - 1))
-    u_first = common.apply_model(self.student, params, noise, t_mid, jnp.ones((b,)), c)
-    z_m = e - (1.0 - m) * u_first.astype(jnp.float32)
+    if renoise is None:
+      u_first = common.apply_model(self.student, params, noise, t_mid, jnp.ones((b,)), c)
+      z_m = e - (1.0 - m) * u_first.astype(jnp.float32)
+    else:
+      g = self.generate(params, noise, c)
+      z_m = jnp.where(m > 0, (1.0 - m) * jax.lax.stop_gradient(g) + m * renoise, g)
     u_second = common.apply_model(self.student, params, z_m, jnp.zeros((b,)), t_mid, c)
     return z_m - m * u_second.astype(jnp.float32)
 
-  def two_step_rows(self, key, b):
-    """t_mid (B,) for generate: config.two_step_mid for each row drawn with probability
-    config.two_step_fraction, else 0 (one step); None when the lever is off. Stage 2 trains
-    u(e, 0, 1) only, and the intervals of the two-step path drift with the shared weights
-    (benchmarks/README, two_step.py): these rows put DMD and the adversarial term on that path
-    too, and the fake network and the head learn from both kinds of sample."""
+  def two_step_draws(self, key, x) -> dict:
+    """The draws of generate's two-step rows: t_mid (B,), config.two_step_mid for each row
+    drawn with probability config.two_step_fraction, else 0 (one step), and for the re-noised
+    path its fresh noise; {} when the lever is off. Stage 2 trains u(e, 0, 1) only, and the
+    intervals two-step sampling reads drift with the shared weights (benchmarks/README,
+    two_step.py): these rows put DMD and the adversarial term on a two-step path too, and the
+    fake network and the head learn from both kinds of sample."""
     fraction = float(self.cfg.get("two_step_fraction", 0.0))
     if fraction <= 0:
-      return None
-    # A key of its own (fold_in, not one more split) keeps every other draw as it was.
-    picked = jax.random.uniform(jax.random.fold_in(key, 2), (b,)) < fraction
-    return jnp.where(picked, jnp.float32(self.cfg.two_step_mid), jnp.float32(0.0))
+      return {}
+    # Keys of their own (fold_in, not one more split) keep every other draw as it was.
+    picked = jax.random.uniform(jax.random.fold_in(key, 2), (x.shape[0],)) < fraction
+    draws = {"t_mid": jnp.where(picked, jnp.float32(self.cfg.two_step_mid), jnp.float32(0.0))}
+    if self.cfg.get("two_step_path", "flow") == "renoised":
+      draws["renoise"] = jax.random.normal(jax.random.fold_in(key, 3), x.shape)
+    return draws
 
   def discriminate(self, fake_params, teacher_params, disc_params, z, t, c):
     """(logits, token_weights) of the head over token features of the configured network."""
@@ -128,9 +138,7 @@ class DistributionStage:
              "t": paths.sample_t(k_t, x.shape[0], mu=self.cfg.fake_t_mu,
                                  sigma=self.cfg.fake_t_sigma),
              "fm_noise": jax.random.normal(k_fm, x.shape)}
-    t_mid = self.two_step_rows(key, x.shape[0])
-    if t_mid is not None:
-      draws["t_mid"] = t_mid
+    draws.update(self.two_step_draws(key, x))
     if self.adversarial:
       draws.update(t_d=self._disc_t(k_td, x.shape[0]),
                    real_noise=jax.random.normal(k_dr, x.shape),
@@ -140,7 +148,8 @@ class DistributionStage:
   def critic_loss(self, critic_params, gen_params, teacher_params, x, c, draws):
     """Flow matching of v_phi on sg(G) samples, plus the discriminator's loss on real vs G."""
     fake_params, disc_params = critic_params
-    g = jax.lax.stop_gradient(self.generate(gen_params, draws["e"], c, draws.get("t_mid")))
+    g = jax.lax.stop_gradient(
+        self.generate(gen_params, draws["e"], c, draws.get("t_mid"), draws.get("renoise")))
     v_phi = lambda z, t_: common.apply_model(self.fake, fake_params, z, None, t_, c)
     fm_loss, metrics = losses.flow_matching_loss(v_phi, g, draws["fm_noise"], draws["t"])
     metrics = {"fake_" + k: v for k, v in metrics.items()}
@@ -165,9 +174,7 @@ class DistributionStage:
              "t": jax.random.uniform(k_t, (b,), minval=self.cfg.dmd_t_min,
                                      maxval=self.cfg.dmd_t_max),
              "noise": jax.random.normal(k_n, x.shape)}
-    t_mid = self.two_step_rows(key, b)
-    if t_mid is not None:
-      draws["t_mid"] = t_mid
+    draws.update(self.two_step_draws(key, x))
     if self.adversarial:
       draws.update(t_d=self._disc_t(k_td, b), disc_noise=jax.random.normal(k_dn, x.shape))
     if self.cfg.regulariser_weight > 0:
@@ -178,7 +185,7 @@ class DistributionStage:
     """DMD + the AWD's non-saturating adversarial term + the optional MeanFlow regulariser."""
     fake_params, disc_params = critic_params
     b = x.shape[0]
-    g = self.generate(params, draws["e"], c, draws.get("t_mid"))
+    g = self.generate(params, draws["e"], c, draws.get("t_mid"), draws.get("renoise"))
     t = draws["t"]
     z_t = jax.lax.stop_gradient(losses.interpolate(g, draws["noise"], t))
     t_col = t.reshape((b,) + (1,) * (x.ndim - 1))
