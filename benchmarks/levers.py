@@ -22,12 +22,12 @@ LEVERS = {
     "regulariser 1": {"regulariser_weight": 1.0},
     "regulariser 0.1": {"regulariser_weight": 0.1},
     # DMD and the adversarial term on the two-step path (z_m from u(e, m, 1), then u(z_m, 0, m))
-  # for a share of the rows: the path the uniform two-step sampler reads.
-  "two-step rows 0.25": {"two_step_fraction": 0.25},
-  "two-step rows 0.5": {"two_step_fraction": 0.5},
-  # The same on DMD2's re-noised path: the one-step sample noised back to m, then u(z_m, 0, m).
-  "re-noised two-step rows 0.5": {"two_step_fraction": 0.5, "two_step_path": "renoised"},
-  "teacher features": {"discriminator.features": "teacher"},
+    # for a share of the rows: the path the uniform two-step sampler reads.
+    "two-step rows 0.25": {"two_step_fraction": 0.25},
+    "two-step rows 0.5": {"two_step_fraction": 0.5},
+    # The same on DMD2's re-noised path: the one-step sample noised back to m, then u(z_m, 0, m).
+    "re-noised two-step rows 0.5": {"two_step_fraction": 0.5, "two_step_path": "renoised"},
+    "teacher features": {"discriminator.features": "teacher"},
     "tau 0.3": {"discriminator.tau": 0.3},
     "DMD t from 0.2": {"dmd_t_min": 0.2},
     "real-score cfg 1.0": {"cfg_scale": 1.0},

@@ -196,7 +196,8 @@ def forwards_per_step(config, nets, shape) -> dict:
   analysis of the steps compiled (never run) for this config, on abstract inputs.
 
   Returns {'trajectory': ..., 'distribution': ...}. Stage 2's scan over its k critic updates is
-  counted k times (XLA counts the body of a loop it kept once). hd_curves.py draws training cost with it.
+  counted k times (XLA counts the body of a loop it kept once). hd_curves.py draws training
+  cost with it.
   """
   key = jax.random.PRNGKey(0)
   ex_x = jnp.zeros((1,) + tuple(shape), jnp.float32)

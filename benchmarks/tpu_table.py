@@ -81,7 +81,8 @@ def plans() -> list:
   # The same with stage 2's optimiser states on the host: its arguments lose the 2.53 GiB of
   # states, its temporaries gain more (the compiler unrolls the critic loop that carries them).
   out.append(("optim on host LightningDiT-XL/1 v5e:2x2", IMAGENET["LightningDiT-XL/1"],
-              "v5e:2x2", LEVERS["SiT-XL/2"] + ("--config.distribution.offload_optimizer_state=True",)))
+              "v5e:2x2",
+              LEVERS["SiT-XL/2"] + ("--config.distribution.offload_optimizer_state=True",)))
   # Utilisation: at 4 samples a chip (256 over 64 v5p chips) the compiler's step estimate follows
   # HBM traffic that does not shrink with the batch; 64 samples a chip (4 chips) amortise it.
   out.append(("util SiT-XL/2 v5p:2x2x1", IMAGENET["SiT-XL/2"], "v5p:2x2x1", ()))

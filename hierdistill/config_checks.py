@@ -108,10 +108,11 @@ def validate_config(config) -> None:
                       f"{INIT_SOURCES}.")
   _check_int(dist.update_ratio, "distribution.update_ratio")  # critic updates per G update
   fraction, mid = dist.get("two_step_fraction", 0.0), dist.get("two_step_mid", 0.5)
-  if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+  is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+  if not is_number(fraction) or not 0 <= fraction <= 1:
     raise ConfigError(f"config.distribution.two_step_fraction={fraction!r}; give a number in "
                       "[0, 1]: the share of generator rows drawn by the two-step path.")
-  if isinstance(mid, bool) or not isinstance(mid, (int, float)) or not 0 < mid < 1:
+  if not is_number(mid) or not 0 < mid < 1:
     raise ConfigError(f"config.distribution.two_step_mid={mid!r}; give the two-step path's "
                       "intermediate time, a number strictly between 0 and 1.")
   if dist.get("two_step_path", "flow") not in TWO_STEP_PATHS:

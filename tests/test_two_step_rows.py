@@ -1,7 +1,7 @@
 """Stage 2's two-step rows (distribution.two_step_fraction): a share of the generator's rows is
-drawn by the flow map's two-step path, so that DMD and the adversarial term reach the intervals
-that two-step sampling reads. The path must be the sampler's, and the lever must change the
-step only when it is on.
+drawn by a two-step path, the flow map's own or DMD2's re-noised one (two_step_path), so that
+DMD and the adversarial term reach the intervals that two-step sampling reads. Each path must
+be the one its sampler takes, and the lever must change the step only when it is on.
 """
 import jax
 import jax.numpy as jnp

@@ -187,9 +187,9 @@ LEGEND = (
     "(remat's recomputation included, the body of a\nloop it kept counted once); step s = the "
     "compiler's own step-time estimate, or, marked r, the roofline of its counts (max of\nFLOPs "
     "/ peak, bytes / HBM bandwidth), marked * when scaled by the loops' trip counts (model FLOPs "
-    "over model FLOPs counted\nas the compiler counts them); model = the model's TFLOP (matmuls and convolutions "
-    "of the step's math, no remat); util = model / (step s x bf16\npeak). Estimates, never "
-    "measurements. collectives: GiB of results of each all-gather (ag), all-reduce (ar),\n"
+    "over model FLOPs counted\nas the compiler counts them); model = the model's TFLOP (matmuls "
+    "and convolutions of the step's math, no remat); util = model / (step s x bf16\npeak). "
+    "Estimates, never measurements. collectives: GiB of results of each all-gather (ag), all-reduce (ar),\n"
     "reduce-scatter (rs), all-to-all (aa), collective-permute (cp) as written in the program (a "
     "loop body counted once).")
 

@@ -218,6 +218,8 @@ def _unrolled_loops(loops, trip_counts) -> frozenset:
   lengths = {l.length for l in every}
   held = sorted(n for n in trip_counts if n in lengths and n > 1)
   candidates = [l for l in every if l.length > 1]
+  if len(candidates) > 12:  # 2^12 hypotheses at most; a step has a handful of loops
+    return single
   for size in range(len(candidates) + 1):
     for chosen in itertools.combinations(candidates, size):
       unrolled = single | {id(l) for l in chosen}
