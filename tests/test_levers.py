@@ -20,15 +20,21 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 SHAPE = (8, 8, 1)
 
 
+def perturb(params, key):
+  """params plus N(0, 0.05^2) noise on every leaf: the zero-initialised output layers would
+  otherwise make u = 0 (every loss 0, every path alike)."""
+  keys = jax.tree.unflatten(jax.tree.structure(params),
+                            list(jax.random.split(key, len(jax.tree.leaves(params)))))
+  return jax.tree.map(lambda a, k: a + 0.05 * jax.random.normal(k, a.shape, a.dtype), params,
+                      keys)
+
+
 def one_step(config, name, frozen_dtype="float32"):
   """(metrics, new state) of one train step of stage `name` from fixed, non-trivial params
   (random, then perturbed: the zero-initialised output layers would make every loss 0)."""
   nets = pipeline.Networks(config, sources.source_class(config.data.name).condition_kind(config))
   c1 = jax.tree.map(jnp.asarray, nets.conditions.example(1))
   x1, t1 = jnp.zeros((1,) + SHAPE), jnp.ones((1,))
-  perturb = lambda p, k: jax.tree.map(
-      lambda a, kk: a + 0.05 * jax.random.normal(kk, a.shape, a.dtype), p,
-      jax.tree.unflatten(jax.tree.structure(p), list(jax.random.split(k, len(jax.tree.leaves(p))))))
   teacher = perturb(nets.teacher.init(jax.random.PRNGKey(0), x1, None, t1, c1)["params"],
                     jax.random.PRNGKey(1))
   student = perturb(nets.student.init(jax.random.PRNGKey(2), x1, t1, t1, c1)["params"],

@@ -11,19 +11,15 @@ import pytest
 from hierdistill import pipeline
 from hierdistill import sources
 from hierdistill.config_checks import ConfigError, validate_config
-from test_levers import one_step, tiny
+from test_levers import one_step, perturb, tiny
 
 
 def _stage_and_params(config):
   nets = pipeline.Networks(config, sources.source_class(config.data.name).condition_kind(config))
   c1 = jax.tree.map(jnp.asarray, nets.conditions.example(1))
   x1, t1 = jnp.zeros((1, 8, 8, 1)), jnp.ones((1,))
-  params = nets.student.init(jax.random.PRNGKey(0), x1, t1, t1, c1)["params"]
-  # The zero-initialised output layer would make u = 0 and every path equal: perturb it.
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-  params = jax.tree.unflatten(tree, [a + 0.05 * jax.random.normal(k, a.shape, a.dtype)
-                                     for a, k in zip(leaves, keys)])
+  params = perturb(nets.student.init(jax.random.PRNGKey(0), x1, t1, t1, c1)["params"],
+                   jax.random.PRNGKey(1))
   return pipeline.build_stage("distribution", config, nets), params
 
 

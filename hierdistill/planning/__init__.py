@@ -189,8 +189,8 @@ LEGEND = (
     "/ peak, bytes / HBM bandwidth), marked * when scaled by the loops' trip counts (model FLOPs "
     "over model FLOPs counted\nas the compiler counts them); model = the model's TFLOP (matmuls "
     "and convolutions of the step's math, no remat); util = model / (step s x bf16\npeak). "
-    "Estimates, never measurements. collectives: GiB of results of each all-gather (ag), all-reduce (ar),\n"
-    "reduce-scatter (rs), all-to-all (aa), collective-permute (cp) as written in the program (a "
-    "loop body counted once).")
+    "Estimates, never measurements. collectives: GiB of results of each all-gather (ag), "
+    "all-reduce (ar),\nreduce-scatter (rs), all-to-all (aa), collective-permute (cp) as written "
+    "in the program (a loop body counted once).")
 
 __all__ = ["PROGRAMS", "Row", "NoFit", "plan", "format_row", "HEADER", "LEGEND", "chips"]
