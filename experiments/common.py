@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
       # remat: recompute each block in the backward pass; remat_policy: what it keeps
       # (models/remat.py; jax.checkpoint_policies names). Memory and time only.
       remat=False, remat_policy="nothing_saveable",
+      # scan_blocks: one block scanned depth times, params stacked (models/block_stack.py):
+      # a program the compiler compiles in a fraction of the time; the same numbers.
+      scan_blocks=False,
       # > 0: a text model reading caption tokens of this width by cross-attention
       # (experiments/digits_text.py); 0: class labels.
       caption_channels=0))

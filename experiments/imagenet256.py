@@ -75,6 +75,7 @@ def get_config(arg=None):
       feature_layers=(13, 20, 27),  # blocks the discriminator reads [ours]
       dtype="bfloat16", param_dtype="float32",
       remat=True, remat_policy="nothing_saveable",  # three XL networks in stage 2 [ours]
+      scan_blocks=False,  # models/block_stack.py [ours]
       attention="einsum"))  # JVP-safe (METHOD.md, PITFALLS.md)
 
   c.teacher.update(

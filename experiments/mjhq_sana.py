@@ -89,6 +89,7 @@ def get_config(arg=None):
       interval_scale=1000.0,  # the student's interval embedder reads 1000 (t - r) [ours]
       dtype="bfloat16", param_dtype="float32", remat=True,  # [ours]
       remat_policy="nothing_saveable",  # models/remat.py [ours]
+      scan_blocks=False,  # models/block_stack.py [ours]
       **SIZES[size]))
 
   c.teacher.update(init_checkpoint="")  # a published SANA file (above)

@@ -22,6 +22,7 @@ images on any number of devices (up to float rounding of the sharded program).
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -38,6 +39,7 @@ from hierdistill import export
 from hierdistill import sampling
 from hierdistill import sharding as shard_lib
 from hierdistill import sources
+from hierdistill.models import block_stack
 from hierdistill.config_checks import TRAINING_STAGES, ConfigError
 
 # The last finished of these is what a workdir's generator is, unless a stage is named.
@@ -127,6 +129,19 @@ class Generator:
                sample_config=config.sample.to_dict(), data_name=config.data.name,
                model_config=config.model.to_dict(), decoder=decoder, info=info,
                devices=devices, prompt_config=_prompt_config(config))
+
+  def unrolled(self) -> "Generator":
+    """This generator with its network's blocks unrolled (blocks_{i}: the published layout,
+    the one every export writes; models/block_stack.py); itself when they already are."""
+    if not getattr(self.model, "scan_blocks", False):
+      return self
+    out = copy.copy(self)
+    out.model = self.model.clone(scan_blocks=False)
+    out.params = jax.device_put(block_stack.unstack_blocks(self.params),
+                                shard_lib.replicated(self.mesh))
+    out.model_config = {**self.model_config, "scan_blocks": False}
+    out._programs = {}  # pylint: disable=protected-access
+    return out
 
   # -- conditions --------------------------------------------------------------------------------
 
@@ -310,7 +325,7 @@ def write_export(gen: Generator, out_dir: str, *, run_config, eval_dir: Optional
   """export.write's files, then the sample grid and the model card. The grid comes from the
   export itself, loaded as a user would: what it shows is what loads. name: the directory's
   final name for the card (default out_dir's own)."""
-  meta = export.write(gen, out_dir, run_config=run_config, eval_dir=eval_dir)
+  meta = export.write(gen.unrolled(), out_dir, run_config=run_config, eval_dir=eval_dir)
   exported = Generator.load(out_dir)
   labels_or_prompts = export.grid_conditions(exported, grid_size)
   samples = exported(jax.random.PRNGKey(export.GRID_SEED), labels_or_prompts)
@@ -332,7 +347,7 @@ def export_run(workdir: str, out_dir: str, stage: Optional[str] = None, *,
     raise ConfigError(f"--out={out_dir} is not empty; give a new directory (an export never "
                       "overwrites files).")
   config = read_run_config(workdir)
-  gen = Generator.from_workdir(workdir, stage)
+  gen = Generator.from_workdir(workdir, stage).unrolled()
   export_formats.check_request(gen, fmt, num_steps)
   tmp = f"{os.path.normpath(out_dir)}.partial-{os.getpid()}"
   os.makedirs(tmp)

@@ -60,6 +60,9 @@ def _path_str(path) -> str:
 path_str = _path_str  # public: error messages name parameters the way the rules match them
 
 
+_STACKED = re.compile(r"(^|/)blocks/")
+
+
 def _leaf_spec(path: str, shape: Sequence[int], rules, fsdp_size: int) -> P:
   for pattern, action in rules:
     if re.fullmatch(pattern, path) or re.search(pattern, path):
@@ -70,7 +73,11 @@ def _leaf_spec(path: str, shape: Sequence[int], rules, fsdp_size: int) -> P:
                           "use 'fsdp' or 'replicate'.")
       # Largest axis that the fsdp size divides; small leaves (biases, norms) stay replicated
       # since sharding them saves nothing and costs a gather.
-      candidates = [(d, i) for i, d in enumerate(shape) if d % fsdp_size == 0 and d >= fsdp_size]
+      # A scanned stack's leaves (models/block_stack.py) lead with the block axis: sharding it
+      # would put whole blocks on single chips, so it is never the one.
+      first = 1 if _STACKED.search(path) else 0
+      candidates = [(d, i) for i, d in enumerate(shape)
+                    if i >= first and d % fsdp_size == 0 and d >= fsdp_size]
       if not candidates or int(np.prod(shape)) < 2 ** 12:
         return P()
       _, axis = max(candidates)

@@ -29,20 +29,30 @@ def perturb(params, key):
                       keys)
 
 
-def one_step(config, name, frozen_dtype="float32"):
+def one_step(config, name, frozen_dtype="float32", *, init_config=None, convert=None):
   """(metrics, new state) of one train step of stage `name` from fixed, non-trivial params
-  (random, then perturbed: the zero-initialised output layers would make every loss 0)."""
-  nets = pipeline.Networks(config, sources.source_class(config.data.name).condition_kind(config))
+  (random, then perturbed: the zero-initialised output layers would make every loss 0).
+  init_config: the config whose networks and stage draw the params and the initial state
+  (default `config`); convert: maps that state and the teacher's params to `config`'s
+  networks (a change of layout)."""
+  kind = sources.source_class(config.data.name).condition_kind(config)
+  nets = pipeline.Networks(config, kind)
+  init_nets = nets if init_config is None else pipeline.Networks(init_config, kind)
   c1 = jax.tree.map(jnp.asarray, nets.conditions.example(1))
   x1, t1 = jnp.zeros((1,) + SHAPE), jnp.ones((1,))
-  teacher = perturb(nets.teacher.init(jax.random.PRNGKey(0), x1, None, t1, c1)["params"],
+  teacher = perturb(init_nets.teacher.init(jax.random.PRNGKey(0), x1, None, t1, c1)["params"],
                     jax.random.PRNGKey(1))
-  student = perturb(nets.student.init(jax.random.PRNGKey(2), x1, t1, t1, c1)["params"],
+  student = perturb(init_nets.student.init(jax.random.PRNGKey(2), x1, t1, t1, c1)["params"],
                     jax.random.PRNGKey(3))
   stage = pipeline.build_stage(name, config, nets)
+  init_stage = stage if init_config is None else pipeline.build_stage(name, init_config,
+                                                                      init_nets)
   inputs = {"teacher": {}, "trajectory": {"teacher": teacher},
             "distribution": {"generator": student, "teacher": teacher}}[name]
-  state = stage.init(jax.random.PRNGKey(4), x1, c1, *([inputs] if name != "teacher" else []))
+  state = init_stage.init(jax.random.PRNGKey(4), x1, c1,
+                          *([inputs] if name != "teacher" else []))
+  if convert is not None:
+    state, teacher = convert(state), convert(teacher)
   rows = getattr(stage, "examples_per_row", 1)
   b = getattr(config, name).batch_size
   lead = (b, rows) if rows > 1 else (b,)

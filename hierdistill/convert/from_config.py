@@ -15,6 +15,7 @@ from hierdistill.convert import inception as convert_inception
 from hierdistill.convert import lightningdit as convert_lightningdit
 from hierdistill.convert import vae as convert_vae
 from hierdistill.convert import vavae as convert_vavae
+from hierdistill.models import block_stack
 
 # config.teacher.checkpoint_kind -> where such a file is published (convert/dit.py's kinds, and
 # LightningDiT's own importer).
@@ -195,16 +196,21 @@ def check_teacher_model(config, model) -> None:
 
 def load_teacher(config, model) -> Dict[str, Any]:
   """The imported teacher's params (nested numpy dict) for `model` (the run's teacher DiT or
-  SANA; for SANA a diffusers weights file stands for its folder)."""
+  SANA; for SANA a diffusers weights file stands for its folder). The importers read and write
+  the published layout, one block a subtree; a model with scan_blocks gets them stacked."""
+  scanned = getattr(model, "scan_blocks", False)
+  if scanned:
+    model = model.clone(scan_blocks=False)
   if config.model.name == "sana":
-    return load_sana_teacher(config, model)
-  kind = config.teacher.get("checkpoint_kind", "sit")
-  if kind == "lightningdit":
-    return convert_lightningdit.load_lightningdit_checkpoint(
+    params = load_sana_teacher(config, model)
+  elif config.teacher.get("checkpoint_kind", "sit") == "lightningdit":
+    params = convert_lightningdit.load_lightningdit_checkpoint(
         config.teacher.init_checkpoint, model, config_key="config.teacher.init_checkpoint")
-  return convert_dit.load_dit_checkpoint(
-      config.teacher.init_checkpoint, model, kind=kind,
-      config_key="config.teacher.init_checkpoint")
+  else:
+    params = convert_dit.load_dit_checkpoint(
+        config.teacher.init_checkpoint, model, kind=config.teacher.get("checkpoint_kind", "sit"),
+        config_key="config.teacher.init_checkpoint")
+  return block_stack.stack_blocks(params) if scanned else params
 
 
 SANA_ARCHITECTURE = ("in_channels", "patch_size", "hidden_size", "depth", "num_heads",

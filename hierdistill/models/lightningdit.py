@@ -38,7 +38,7 @@ from hierdistill import sharding
 from hierdistill.models.dit import (_XAVIER, _ZEROS, _PATCH_INIT, DiT, _modulate,
                                     sincos_pos_embed_2d, unpatchify)
 from hierdistill.models.embeddings import Dense, accumulation_dtype, to_float
-from hierdistill.models.remat import remat_policy
+from hierdistill.models.block_stack import apply_blocks
 
 Array = jax.Array
 Dtype = Any
@@ -248,19 +248,17 @@ class LightningDiT(DiT):
     if self.use_rope:
       cos, sin = (jnp.asarray(a) for a in rope_tables(d // self.num_heads, g, self.rope_theta))
 
-    block_cls = (nn.remat(LightningDiTBlock, policy=remat_policy(self.remat_policy))
-                 if self.remat else LightningDiTBlock)
     wanted = self.resolved_feature_layers() if return_features else ()
-    outputs = []
-    for i in range(self.depth):
-      x = block_cls(d, self.num_heads, self.mlp_ratio, self.qk_norm, self.attention,
-                    dtype=self.dtype, param_dtype=self.param_dtype, name=f"blocks_{i}")(
-                        x, emb, cos, sin)
-      outputs.append(x)
+    fields = dict(hidden_size=d, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                  qk_norm=self.qk_norm, attention=self.attention, dtype=self.dtype,
+                  param_dtype=self.param_dtype)
+    x, features = apply_blocks(LightningDiTBlock, fields, self.depth, x, (emb, cos, sin),
+                               scan=self.scan_blocks, remat=self.remat,
+                               remat_policy=self.remat_policy, keep=wanted)
     c_out = self.resolved_out_channels
     out = LightningFinalLayer(d, p, c_out, dtype=self.dtype, param_dtype=self.param_dtype,
                               name="final_layer")(x, emb)
     velocity = unpatchify(out, p, c_out)[..., :self.in_channels].astype(acc)
     if not return_features:
       return velocity
-    return velocity, [outputs[i] for i in wanted]
+    return velocity, features

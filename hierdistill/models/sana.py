@@ -42,7 +42,7 @@ from flax import linen as nn
 from hierdistill import sharding
 from hierdistill.models.embeddings import (Dense, TimestepEmbedder, accumulation_dtype,
                                           interval_of, to_float)
-from hierdistill.models.remat import remat_policy
+from hierdistill.models.block_stack import apply_blocks
 
 Array = jax.Array
 Dtype = Any
@@ -283,6 +283,8 @@ class SanaTransformer(nn.Module):
       return_features=True returns; None = every block.
     remat: rematerialise each block in the backward pass (memory for compute).
     remat_policy: what a rematerialised block keeps (models/remat.py).
+    scan_blocks: one block scanned depth times, params stacked under `blocks`
+      (models/block_stack.py): the same numbers, compiled in a fraction of the time.
     dtype: compute dtype of the matmuls (e.g. jnp.bfloat16); param_dtype: storage dtype.
     time_scale: the time embedder reads time_scale * t (SANA: 1000 * sigma).
     interval_scale: the interval embedder reads interval_scale * (t - r).
@@ -301,6 +303,7 @@ class SanaTransformer(nn.Module):
   feature_layers: Optional[Tuple[int, ...]] = None
   remat: bool = False
   remat_policy: str = "nothing_saveable"
+  scan_blocks: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   time_scale: float = 1000.0
@@ -388,14 +391,12 @@ class SanaTransformer(nn.Module):
     cap = cap.astype(self.dtype or acc)
     bias = jnp.where(mask.astype(bool), 0.0, MASK_BIAS).astype(acc)
 
-    block_cls = (nn.remat(SanaBlock, policy=remat_policy(self.remat_policy))
-                 if self.remat else SanaBlock)
     wanted = self.resolved_feature_layers() if return_features else ()
-    outputs = []
-    for i in range(self.depth):
-      x = block_cls(d, self.num_heads, self.cross_num_heads, gh, gw, self.mlp_ratio,
-                    self.qk_norm, name=f"blocks_{i}", **kw)(x, t6, cap, bias)
-      outputs.append(x)
+    fields = dict(hidden_size=d, num_heads=self.num_heads, cross_num_heads=self.cross_num_heads,
+                  height=gh, width=gw, mlp_ratio=self.mlp_ratio, qk_norm=self.qk_norm, **kw)
+    x, features = apply_blocks(SanaBlock, fields, self.depth, x, (t6, cap, bias),
+                               scan=self.scan_blocks, remat=self.remat,
+                               remat_policy=self.remat_policy, keep=wanted)
 
     table = self.param("scale_shift_table",
                        lambda key, shape, dt: jax.random.normal(key, shape, dt) * d ** -0.5,
@@ -410,4 +411,4 @@ class SanaTransformer(nn.Module):
     velocity = out.reshape(batch, height, width, self.in_channels).astype(acc)
     if not return_features:
       return velocity
-    return velocity, [outputs[i] for i in wanted]
+    return velocity, features
