@@ -41,8 +41,15 @@ def _tiny_lightningdit():
   return c
 
 
+def _tiny_scanned():
+  c = digits.get_config("tiny")
+  c.model.update(scan_blocks=True, remat=True)  # the loop of blocks, rematerialised, on TPU
+  return c
+
+
 CONFIGS = {
     "digits": lambda: digits.get_config("tiny"),
+    "digits, scanned blocks": _tiny_scanned,
     "digits_text": lambda: digits_text.get_config("tiny"),
     "sana": lambda: mjhq_sana.get_config("runlocal"),
     "lightningdit": _tiny_lightningdit,
