@@ -29,6 +29,10 @@ FREE_KEYS = ("name", "stages", "mesh", "sharding_rules", "max_consecutive_nonfin
 # resume on a smaller slice with more micro-batches or its optimiser state on the host.
 FREE_STAGE_KEYS = ("log_every", "checkpoint_every", "keep", "microbatches",
                    "offload_optimizer_state")
+# Keys added after runs were stored, with the value those runs had: a run stored before
+# model.scan_blocks existed holds its blocks unrolled, and resuming it scanned must be refused
+# by name, not by a checkpoint that no longer fits.
+ADDED_KEYS = {"model.scan_blocks": False}
 
 
 def check_writable(workdir: str, *, what: str = "workdir", flag: str = "--workdir") -> None:
@@ -118,6 +122,8 @@ def check_previous_run(config, workdir: str, overwrite: bool = False) -> bool:
     raise ConfigError(f"{path} is unreadable ({type(e).__name__}); repair it, choose another "
                       "--workdir, or pass --overwrite to move the old run aside.") from None
   current = _flatten(json.loads(config.to_json_best_effort()))
+  if any(k.startswith("model.") for k in stored):
+    stored = {**ADDED_KEYS, **stored}
   differences = []
   for key in sorted(stored.keys() & current.keys()):
     old, new = stored[key], current[key]

@@ -244,6 +244,24 @@ def test_workdir_that_is_not_writable(tmp_path, data_dir):
     rejects(tiny_config(data_dir), locked / "run", r"is not writable .*permission denied")
 
 
+def test_a_run_stored_before_scan_blocks_resumes_unrolled_only(tmp_path, data_dir):
+  """A config stored before model.scan_blocks existed held its blocks unrolled: resuming it
+  scanned names the key, resuming it as it was passes."""
+  workdir = str(tmp_path / "run")
+  config = tiny_config(data_dir)
+  pipeline.Chain(config, workdir, devices=jax.devices()[:1], writer=NullWriter())
+  path = os.path.join(workdir, "config.json")
+  with open(path) as f:
+    stored = json.load(f)
+  del stored["model"]["scan_blocks"]
+  with open(path, "w") as f:
+    json.dump(stored, f)
+  scanned = config.copy_and_resolve_references()
+  scanned.model.scan_blocks = True
+  rejects(scanned, workdir, r"different config \(model\.scan_blocks: False there, True here\)")
+  pipeline.Chain(config, workdir, devices=jax.devices()[:1], writer=NullWriter())
+
+
 def test_workdir_of_a_different_config(tmp_path, data_dir):
   workdir = str(tmp_path / "run")
   config = tiny_config(data_dir)
