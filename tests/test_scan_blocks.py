@@ -5,12 +5,17 @@ stage 1 differentiates) as its unrolled self with the same params stacked; a tra
 every stage gives the same update; the stacked axis is never sharded; an export is written in
 the published, unrolled layout.
 """
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
-from hierdistill import sharding
+from experiments import digits, digits_text
+from hierdistill import generator, pipeline, sharding, sources
 from hierdistill.models import block_stack
 from hierdistill.models.dit import DiT
 from hierdistill.models.lightningdit import LightningDiT
@@ -137,11 +142,6 @@ def test_scanned_blocks_give_the_same_update(name):
 def test_a_scanned_generator_exports_the_unrolled_layout(experiment, tmp_path):
   """The export speaks the published layout (blocks_{i}; a label DiT in DiT/SiT's keys), says
   scan_blocks=False, and draws what the scanned generator draws."""
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  from experiments import digits, digits_text  # pylint: disable=g-import-not-at-top
-  from hierdistill import generator, pipeline, sources  # pylint: disable=g-import-not-at-top
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   config = {"digits": digits, "digits_text": digits_text}[experiment].get_config("tiny")
   config.model.scan_blocks = True
   source = sources.source_class(config.data.name)

@@ -6,7 +6,7 @@ layout, which the importers and exports speak. Scanned, `blocks/...` holds every
 stacked on a leading axis of size depth, and the compiled step holds one block body in a loop
 instead of depth copies of it (times remat's recomputation, times the JVP of stage 1): the TPU
 compiler then compiles one block, not 28, which is what makes a full-depth plan of an XL model
-take minutes instead of half an hour (MaxText's scan_layers). The numbers are the same either
+take minutes instead of tens of minutes (MaxText's scan_layers). The numbers are the same either
 way (tests/test_scan_blocks.py); `stack_blocks` and `unstack_blocks` convert the params.
 """
 from __future__ import annotations
@@ -49,10 +49,6 @@ def apply_blocks(block_cls: type, block_fields: Dict[str, Any], depth: int, x, a
                     in_axes=nn.broadcast, length=depth)
   x, outputs = scanned(block_cls(**block_fields, name=SCANNED), x, args)
   return x, [outputs[i] for i in keep]
-
-
-def is_stacked(params: Dict[str, Any]) -> bool:
-  return SCANNED in params
 
 
 def stack_blocks(params: Dict[str, Any]) -> Dict[str, Any]:
