@@ -17,6 +17,7 @@ import hierdistill
 from experiments import digits
 from hierdistill import generator
 from hierdistill import pipeline
+from hierdistill import sources
 from hierdistill.config_checks import ConfigError
 from hierdistill.convert import dit as convert_dit
 from hierdistill.convert import dit_layout
@@ -278,14 +279,9 @@ def test_export_refuses_a_directory_that_is_not_empty(run, tmp_path):
 
 # -- text ----------------------------------------------------------------------------------------
 
-def test_a_text_generator_reads_prompts_and_exports(tmp_path):
-  """Prompts go through the data source's encoder (DigitsTextSource.conditions_from_prompts);
-  a text DiT is exported under its Flax paths with the empty prompt's encoding, and reads
-  back to the same images."""
-  from experiments import digits_text
-  from hierdistill import sources
-  from hierdistill.generator import Generator
-  config = digits_text.get_config("tiny")
+def random_generator(config, perturb=None):
+  """A Generator of config's student at its random init (then `perturb`(params), if given):
+  what a user builds by hand from a model and params."""
   source = sources.source_class(config.data.name)
   conditions = source.condition_kind(config)
   nets = pipeline.Networks(config, conditions)
@@ -293,10 +289,24 @@ def test_a_text_generator_reads_prompts_and_exports(tmp_path):
   x, t = jnp.zeros((1,) + shape), jnp.ones((1,))
   c = jax.tree.map(jnp.asarray, conditions.example(1))
   params = jax.jit(lambda k: nets.student.init(k, x, t, t, c)["params"])(jax.random.PRNGKey(0))
-  gen = Generator(model=nets.student, params=params, conditions=conditions, shape=shape,
-                  role="student", sample_config=config.sample.to_dict(),
-                  data_name=config.data.name, model_config=config.model.to_dict(),
-                  devices=jax.devices()[:1])
+  if perturb is not None:
+    params = perturb(params)
+  return generator.Generator(model=nets.student, params=params, conditions=conditions,
+                             shape=shape, role="student", sample_config=config.sample.to_dict(),
+                             data_name=config.data.name, model_config=config.model.to_dict(),
+                             devices=jax.devices()[:1])
+
+
+def test_a_text_generator_reads_prompts_and_exports(tmp_path):
+  """Prompts go through the data source's encoder (DigitsTextSource.conditions_from_prompts);
+  a text DiT is exported under its Flax paths with the empty prompt's encoding, and reads
+  back to the same images."""
+  from experiments import digits_text
+  from hierdistill.generator import Generator
+  config = digits_text.get_config("tiny")
+  source = sources.source_class(config.data.name)
+  gen = random_generator(config)
+  conditions, shape = gen.conditions, gen.shape
   prompts = ["a bold, upright seven", "a thin, left-leaning two"]
   key = jax.random.PRNGKey(0)
   images = gen(key, prompts)

@@ -15,12 +15,12 @@ import pytest
 from safetensors.numpy import load_file
 
 from experiments import digits, digits_text
-from hierdistill import generator, pipeline, sharding, sources
+from hierdistill import generator, sharding
 from hierdistill.models import block_stack
 from hierdistill.models.dit import DiT
 from hierdistill.models.lightningdit import LightningDiT
 from hierdistill.models.sana import SanaTransformer
-from tests import test_levers
+from tests import test_generator, test_levers
 
 _KEY = jax.random.PRNGKey
 _Z = jax.random.normal(_KEY(0), (2, 8, 8, 4))
@@ -144,18 +144,9 @@ def test_a_scanned_generator_exports_the_unrolled_layout(experiment, tmp_path):
   scan_blocks=False, and draws what the scanned generator draws."""
   config = {"digits": digits, "digits_text": digits_text}[experiment].get_config("tiny")
   config.model.scan_blocks = True
-  source = sources.source_class(config.data.name)
-  conditions = source.condition_kind(config)
-  nets = pipeline.Networks(config, conditions)
-  shape = source.example_shape(config)
-  x, t = jnp.zeros((1,) + shape), jnp.ones((1,))
-  c = jax.tree.map(jnp.asarray, conditions.example(1))
-  params = test_levers.perturb(nets.student.init(_KEY(0), x, t, t, c)["params"], _KEY(1))
-  assert "blocks" in params
-  gen = generator.Generator(model=nets.student, params=params, conditions=conditions,
-                            shape=shape, role="student", sample_config=config.sample.to_dict(),
-                            data_name=config.data.name, model_config=config.model.to_dict(),
-                            devices=jax.devices()[:1])
+  gen = test_generator.random_generator(
+      config, perturb=lambda p: test_levers.perturb(p, _KEY(1)))
+  assert "blocks" in gen.params
   out = str(tmp_path / "export")
   os.makedirs(out)
   generator.write_export(gen, out, run_config=config, grid_size=4)
