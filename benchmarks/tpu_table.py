@@ -60,7 +60,8 @@ PREFIXES = ("fit ", "util remat off ", "util ", "before levers ", "micro 4 ", "o
 
 def plans() -> list:
   """(name, config, topology, overrides): the table of the paper's runs on 64- and 256-chip
-  slices as configured, then the smallest slices with the levers, then the utilisation plan."""
+  slices as configured but for scanned blocks, then the smallest slices with the levers, then
+  the utilisation plan."""
   out = []
   # The pod table compiles the blocks scanned: the same program but for its layout, and the
   # full-depth compile takes minutes instead of tens of minutes (the "scan" plan below holds
