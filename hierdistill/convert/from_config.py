@@ -201,14 +201,15 @@ def load_teacher(config, model) -> Dict[str, Any]:
   scanned = getattr(model, "scan_blocks", False)
   if scanned:
     model = model.clone(scan_blocks=False)
+  kind = config.teacher.get("checkpoint_kind", "sit")
   if config.model.name == "sana":
     params = load_sana_teacher(config, model)
-  elif config.teacher.get("checkpoint_kind", "sit") == "lightningdit":
+  elif kind == "lightningdit":
     params = convert_lightningdit.load_lightningdit_checkpoint(
         config.teacher.init_checkpoint, model, config_key="config.teacher.init_checkpoint")
   else:
     params = convert_dit.load_dit_checkpoint(
-        config.teacher.init_checkpoint, model, kind=config.teacher.get("checkpoint_kind", "sit"),
+        config.teacher.init_checkpoint, model, kind=kind,
         config_key="config.teacher.init_checkpoint")
   return block_stack.stack_blocks(params) if scanned else params
 

@@ -15,6 +15,7 @@ import re
 from typing import Any, Dict, List, Sequence, Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -62,7 +63,7 @@ def stack_blocks(params: Dict[str, Any]) -> Dict[str, Any]:
     raise ValueError(f"stack_blocks: the blocks are numbered {indices}, not 0..{len(indices) - 1}.")
   blocks = [params[f"blocks_{i}"] for i in indices]
   out = {k: v for k, v in params.items() if not _UNROLLED.match(k)}
-  out[SCANNED] = _map(lambda *leaves: _stack(leaves), *blocks)
+  out[SCANNED] = jax.tree.map(lambda *leaves: _stack(leaves), *blocks)
   return out
 
 
@@ -71,10 +72,10 @@ def unstack_blocks(params: Dict[str, Any]) -> Dict[str, Any]:
   if SCANNED not in params:
     raise ValueError("unstack_blocks: these params hold no stacked 'blocks'.")
   stacked = params[SCANNED]
-  depth = len(_leaves(stacked)[0])
+  depth = jax.tree.leaves(stacked)[0].shape[0]
   out = {k: v for k, v in params.items() if k != SCANNED}
   for i in range(depth):
-    out[f"blocks_{i}"] = _map(lambda leaf, i=i: leaf[i], stacked)
+    out[f"blocks_{i}"] = jax.tree.map(lambda leaf, i=i: leaf[i], stacked)
   return out
 
 
@@ -82,17 +83,3 @@ def _stack(leaves):
   if all(isinstance(leaf, np.ndarray) for leaf in leaves):
     return np.stack(leaves)  # host params (an importer's) stay on the host
   return jnp.stack(leaves)
-
-
-def _map(fn, *trees):
-  """tree_map over nested dicts (Flax params, FrozenDict or plain), keeping them plain dicts."""
-  first = trees[0]
-  if hasattr(first, "items"):
-    return {k: _map(fn, *(t[k] for t in trees)) for k in first}
-  return fn(*trees)
-
-
-def _leaves(tree) -> list:
-  if hasattr(tree, "items"):
-    return [leaf for v in tree.values() for leaf in _leaves(v)]
-  return [tree]
