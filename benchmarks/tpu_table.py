@@ -54,7 +54,7 @@ LEVERS = {
 
 
 # plans() names read "<kind> <run> <slice>"; the table's run column drops the kind.
-PREFIXES = ("fit ", "util remat off ", "util ", "before levers ", "micro 4 ", "optim on host ",
+PREFIXES = ("fit ", "fsdp 256 ", "util remat off ", "util ", "before levers ", "micro 4 ", "optim on host ",
             "scan fit ", "scan at micro 8 ", "scan ")
 
 
@@ -72,6 +72,10 @@ def plans() -> list:
   for label, config in SANA.items():
     for topology in ("v5e:16x16", "v5p:4x4x4", "v6e:8x8"):
       out.append((f"{label} {topology}", config, topology, (_SCAN,)))
+  # SANA on 256 chips with the whole slice as one fsdp axis (its config's mesh before the
+  # hybrid one): 256 divides none of SANA's widths, so every weight stays whole on every chip.
+  out.append(("fsdp 256 SANA-0.6B 512 px v5e:16x16", SANA["SANA-0.6B 512 px"], "v5e:16x16",
+              (_SCAN, "--config.mesh.data=1", "--config.mesh.fsdp=-1")))
   # The one pod program compiled with its blocks unrolled, beside its scanned row.
   out.append(("SiT-XL/2 unrolled v5p:4x4x4", IMAGENET["SiT-XL/2"], "v5p:4x4x4", ()))
   for label, config in IMAGENET.items():

@@ -54,7 +54,10 @@ def get_config(arg=None):
   c.name = f"mjhq_sana_{size}_{px}"
   # The teacher is imported, not trained: the chain starts at stage 1.
   c.stages = ("trajectory", "distribution", "eval")
-  c.mesh.update(data=1, fsdp=-1)  # three SANA networks in stage 2: shard everything [ours]
+  # Three SANA networks in stage 2: shard every weight over up to 64 chips, and repeat those
+  # groups along data past 64 (sharding.make_mesh). 64 divides SANA's widths (1152, 2240 and
+  # their MLPs'); 256 divides none of them, so fsdp over a whole v5e 16x16 shards nothing [ours].
+  c.mesh.update(data=-1, fsdp=64)
 
   c.data = ml_collections.ConfigDict(dict(
       name="t2i_latents",

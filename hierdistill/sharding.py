@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from hierdistill.config_checks import ConfigError
@@ -26,6 +27,11 @@ DEFAULT_RULES = ((".*", "fsdp"),)
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
   """A ('data', 'fsdp') mesh over all devices; -1 on one axis takes what the other leaves.
 
+  With data=-1, fsdp is the most devices a weight is sharded over: a slice with fewer devices
+  shards over all of them, a larger one repeats the fsdp groups along data (a hybrid mesh).
+  So one config runs from one host to a pod, and its fsdp can be chosen to divide the model's
+  widths, which the slice's device count (256) often does not.
+
   The axes are AxisType.Auto: the step functions are written for the compiler to propagate
   shardings (jax.make_mesh defaults to Explicit axes in recent releases).
   """
@@ -35,6 +41,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = Non
     raise ConfigError("config.mesh: at most one of data and fsdp may be -1; set the other.")
   asked = (data, fsdp)
   if data == -1:
+    fsdp = min(fsdp, n)
     data = n // fsdp if fsdp > 0 and n % fsdp == 0 else 0
   if fsdp == -1:
     fsdp = n // data if data > 0 and n % data == 0 else 0
@@ -63,28 +70,36 @@ path_str = _path_str  # public: error messages name parameters the way the rules
 _STACKED = re.compile(r"(^|/)blocks/")
 
 
-def _leaf_spec(path: str, shape: Sequence[int], rules, fsdp_size: int) -> P:
+def _action(path: str, rules) -> str:
+  """The action of the first rule whose pattern matches `path` ('replicate' if none does)."""
   for pattern, action in rules:
     if re.fullmatch(pattern, path) or re.search(pattern, path):
-      if action == "replicate" or fsdp_size == 1:
-        return P()
-      if action != "fsdp":
+      if action not in ("fsdp", "replicate"):
         raise ConfigError(f"config.sharding_rules: unknown action {action!r} for {pattern!r}; "
                           "use 'fsdp' or 'replicate'.")
-      # Largest axis that the fsdp size divides; small leaves (biases, norms) stay replicated
-      # since sharding them saves nothing and costs a gather.
-      # A scanned stack's leaves (models/block_stack.py) lead with the block axis: sharding it
-      # would put whole blocks on single chips, so it is never the one.
-      first = 1 if _STACKED.search(path) else 0
-      candidates = [(d, i) for i, d in enumerate(shape)
-                    if i >= first and d % fsdp_size == 0 and d >= fsdp_size]
-      if not candidates or int(np.prod(shape)) < 2 ** 12:
-        return P()
-      _, axis = max(candidates)
-      spec = [None] * len(shape)
-      spec[axis] = "fsdp"
-      return P(*spec)
-  return P()
+      return action
+  return "replicate"
+
+
+# Small leaves (biases, norms) stay replicated: sharding them saves nothing and costs a gather.
+_SMALLEST_SHARDED = 2 ** 12
+
+
+def _leaf_spec(path: str, shape: Sequence[int], rules, fsdp_size: int) -> P:
+  if _action(path, rules) == "replicate" or fsdp_size == 1:
+    return P()
+  # The largest axis that the fsdp size divides.
+  # A scanned stack's leaves (models/block_stack.py) lead with the block axis: sharding it
+  # would put whole blocks on single chips, so it is never the one.
+  first = 1 if _STACKED.search(path) else 0
+  candidates = [(d, i) for i, d in enumerate(shape)
+                if i >= first and d % fsdp_size == 0 and d >= fsdp_size]
+  if not candidates or int(np.prod(shape)) < _SMALLEST_SHARDED:
+    return P()
+  _, axis = max(candidates)
+  spec = [None] * len(shape)
+  spec[axis] = "fsdp"
+  return P(*spec)
 
 
 def state_shardings(abstract_state, mesh: Mesh, rules=DEFAULT_RULES):
@@ -95,7 +110,38 @@ def state_shardings(abstract_state, mesh: Mesh, rules=DEFAULT_RULES):
     shape = getattr(leaf, "shape", ())
     return NamedSharding(mesh, _leaf_spec(_path_str(path), shape, rules, fsdp_size))
 
-  return jax.tree_util.tree_map_with_path(one, abstract_state)
+  shardings = jax.tree_util.tree_map_with_path(one, abstract_state)
+  _warn_if_mostly_unshardable(abstract_state, mesh, rules)
+  return shardings
+
+
+def unshardable_fraction(abstract_state, mesh: Mesh, rules=DEFAULT_RULES) -> float:
+  """Of the bytes the rules ask to shard (leaves of at least _SMALLEST_SHARDED elements), the
+  fraction that stays whole on every device because the fsdp size divides none of its axes."""
+  asked = unshardable = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state):
+    shape, name = getattr(leaf, "shape", ()), _path_str(path)
+    if _action(name, rules) != "fsdp" or int(np.prod(shape)) < _SMALLEST_SHARDED:
+      continue
+    size = int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
+    asked += size
+    if _leaf_spec(name, shape, rules, mesh.shape["fsdp"]) == P():
+      unshardable += size
+  return unshardable / asked if asked else 0.0
+
+
+def _warn_if_mostly_unshardable(abstract_state, mesh: Mesh, rules) -> None:
+  # An fsdp size that divides none of the model's widths shards nothing, and silently: every
+  # chip then holds every weight and its optimiser states (SANA's 1152 and 2240 on 256 chips).
+  if mesh.shape["fsdp"] == 1:
+    return
+  fraction = unshardable_fraction(abstract_state, mesh, rules)
+  if fraction > 0.5:
+    logging.warning(
+        "config.mesh: fsdp=%d divides no axis of %.0f%% of the weights' bytes, so every device "
+        "holds them whole; use an fsdp that divides the model's widths, with data taking the "
+        "rest (e.g. --config.mesh.data=-1 --config.mesh.fsdp=64).", mesh.shape["fsdp"],
+        100 * fraction)
 
 
 # The memory kind of the host's pinned memory: what the TPU (and GPU and CPU) runtimes move to

@@ -64,7 +64,9 @@ def flat(tree):
 
 @pytest.mark.parametrize("data,fsdp,n,expected", [
     (-1, 1, 1, (1, 1)), (1, -1, 1, (1, 1)), (4, 2, 8, (4, 2)), (-1, 8, 8, (1, 8)),
-    (2, -1, 8, (2, 4))])
+    (2, -1, 8, (2, 4)), (-1, 2, 8, (4, 2)),
+    # With data=-1, fsdp is a cap: fewer devices shard over all of them (one config, host to pod).
+    (-1, 64, 8, (1, 8)), (-1, 64, 1, (1, 1))])
 def test_mesh_from_config(data, fsdp, n, expected):
   config = config_of(data=data, fsdp=fsdp)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=jax.devices()[:n])
@@ -101,6 +103,27 @@ def test_rules_shard_params_and_optimiser_states_over_fsdp(name):
   total = sum(v.size * v.dtype.itemsize for v in leaves.values())
   per_device = sharding.per_device_bytes(state, shardings)
   assert per_device < 0.35 * total, (per_device, total)
+
+
+def test_an_fsdp_that_divides_no_width_is_measured_and_warned(caplog):
+  """fsdp=8 divides no axis of a 36 x 1001 weight: it stays whole on every device, and the
+  warning names the fix; a 64 x 64 weight beside it shards."""
+  mesh = sharding.make_mesh(1, 8, devices=jax.devices()[:8])
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  odd = {"odd": f32(36, 1001), "bias": f32(1001)}
+  even = {"even": f32(64, 64)}
+  assert sharding.unshardable_fraction(odd, mesh) == 1.0
+  assert sharding.unshardable_fraction(even, mesh) == 0.0
+  assert sharding.unshardable_fraction({**odd, **even}, mesh) == pytest.approx(
+      36 * 1001 / (36 * 1001 + 64 * 64))
+  # Leaves a rule replicates on purpose are not counted.
+  assert sharding.unshardable_fraction(odd, mesh, ((".*odd", "replicate"), (".*", "fsdp"))) == 0
+  with caplog.at_level("WARNING"):
+    sharding.state_shardings(even, mesh)
+    assert "divides no axis" not in caplog.text
+    sharding.state_shardings(odd, mesh)
+  assert "config.mesh: fsdp=8 divides no axis of 100% of the weights' bytes" in caplog.text
+  assert "--config.mesh.fsdp=64" in caplog.text
 
 
 def test_replicate_rule_wins_over_a_later_fsdp_rule():
