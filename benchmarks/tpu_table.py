@@ -155,7 +155,8 @@ def compile_one(config, topology, overrides, program, timeout_s) -> dict:
       return {"error": (tail[-1] if tail else f"exit {proc.returncode}")[:300],
               "wall_s": time.time() - t0}
     with open(out) as f:
-      row = json.load(f)["rows"][0]
+      plan = json.load(f)
+    row = {**plan["rows"][0], "mesh": plan.get("mesh")}
     row["wall_s"] = time.time() - t0
     return row
 

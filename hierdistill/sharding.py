@@ -24,19 +24,15 @@ BATCH_AXES = ("data", "fsdp")
 DEFAULT_RULES = ((".*", "fsdp"),)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
-  """A ('data', 'fsdp') mesh over all devices; -1 on one axis takes what the other leaves.
+def mesh_shape(data: int, fsdp: int, n: int) -> tuple:
+  """(data, fsdp) of the mesh that config.mesh's data and fsdp give over n devices.
 
-  With data=-1, fsdp is the most devices a weight is sharded over: a slice with fewer devices
-  shards over all of them, a larger one repeats the fsdp groups along data (a hybrid mesh).
-  So one config runs from one host to a pod, and its fsdp can be chosen to divide the model's
-  widths, which the slice's device count (256) often does not.
-
-  The axes are AxisType.Auto: the step functions are written for the compiler to propagate
-  shardings (jax.make_mesh defaults to Explicit axes in recent releases).
+  -1 on one axis takes what the other leaves. With data=-1, fsdp is the most devices a weight
+  is sharded over: a slice with fewer devices shards over all of them, a larger one repeats the
+  fsdp groups along data (a hybrid mesh). So one config runs from one host to a pod, and its
+  fsdp can be chosen to divide the model's widths, which a slice's device count (256) often
+  does not.
   """
-  devices = list(jax.devices() if devices is None else devices)
-  n = len(devices)
   if data == -1 and fsdp == -1:
     raise ConfigError("config.mesh: at most one of data and fsdp may be -1; set the other.")
   asked = (data, fsdp)
@@ -48,8 +44,18 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = Non
   if data * fsdp != n:
     raise ConfigError(f"config.mesh: data={asked[0]} x fsdp={asked[1]} does not match the {n} "
                       f"devices here; make their product {n} (or set one of them to -1).")
-  return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(AxisType.Auto,) * 2,
-                       devices=devices)
+  return data, fsdp
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+  """A ('data', 'fsdp') mesh over all devices, shaped by mesh_shape.
+
+  The axes are AxisType.Auto: the step functions are written for the compiler to propagate
+  shardings (jax.make_mesh defaults to Explicit axes in recent releases).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  return jax.make_mesh(mesh_shape(data, fsdp, len(devices)), MESH_AXES,
+                       axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
 def _path_str(path) -> str:

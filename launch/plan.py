@@ -49,6 +49,7 @@ def main(argv):
   import jax  # noqa: F401  pylint: disable=g-import-not-at-top
   jax.config.update("jax_threefry_partitionable", True)
   from hierdistill import planning  # pylint: disable=g-import-not-at-top
+  from hierdistill import sharding  # pylint: disable=g-import-not-at-top
   from hierdistill.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   names = _PROGRAMS.value
@@ -60,6 +61,8 @@ def main(argv):
       sys.exit(2)
   try:
     chip = planning.chips.chip_of(_TOPOLOGY.value)
+    n = len(planning.chips.slice_devices(_TOPOLOGY.value))
+    data, fsdp = sharding.mesh_shape(int(config.mesh.data), int(config.mesh.fsdp), n)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -69,7 +72,8 @@ def main(argv):
                         if getattr(config, s).get("offload_optimizer_state", False))
   print(f"{config.name} on {_TOPOLOGY.value} ({chip.name}: {chip.hbm_bytes / 2**30:.0f} GiB HBM, "
         f"{chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 a chip; {planning.chips.SOURCE}), mesh "
-        f"data={config.mesh.data} fsdp={config.mesh.fsdp}, frozen teacher "
+        f"data {data} x fsdp {fsdp} (config data={config.mesh.data} fsdp={config.mesh.fsdp}), "
+        f"frozen teacher "
         f"{config.get('frozen_param_dtype', 'float32')}, remat "
         f"{config.model.get('remat', False)} ({config.model.get('remat_policy', '-')}), "
         f"micro-batches {micro} (teacher, stage 1, stage 2), optimiser state on the host: "
@@ -90,7 +94,7 @@ def main(argv):
   if _JSON.value:
     import json  # pylint: disable=g-import-not-at-top
     with open(_JSON.value, "w") as f:
-      json.dump({"topology": _TOPOLOGY.value, "config": config.name,
+      json.dump({"topology": _TOPOLOGY.value, "config": config.name, "mesh": [data, fsdp],
                  "rows": [r.to_dict() for r in rows]}, f, indent=1)
   worst = min(rows, key=lambda r: r.headroom)
   if isinstance(worst, planning.NoFit):
