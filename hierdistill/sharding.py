@@ -121,9 +121,9 @@ def state_shardings(abstract_state, mesh: Mesh, rules=DEFAULT_RULES):
   return shardings
 
 
-def unshardable_fraction(abstract_state, mesh: Mesh, rules=DEFAULT_RULES) -> float:
+def unshardable_fraction(abstract_state, fsdp_size: int, rules=DEFAULT_RULES) -> float:
   """Of the bytes the rules ask to shard (leaves of at least _SMALLEST_SHARDED elements), the
-  fraction that stays whole on every device because the fsdp size divides none of its axes."""
+  fraction that stays whole on every device because fsdp_size divides none of its axes."""
   asked = unshardable = 0
   for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state):
     shape, name = getattr(leaf, "shape", ()), _path_str(path)
@@ -131,7 +131,7 @@ def unshardable_fraction(abstract_state, mesh: Mesh, rules=DEFAULT_RULES) -> flo
       continue
     size = int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
     asked += size
-    if _leaf_spec(name, shape, rules, mesh.shape["fsdp"]) == P():
+    if _leaf_spec(name, shape, rules, fsdp_size) == P():
       unshardable += size
   return unshardable / asked if asked else 0.0
 
@@ -141,7 +141,7 @@ def _warn_if_mostly_unshardable(abstract_state, mesh: Mesh, rules) -> None:
   # chip then holds every weight and its optimiser states (SANA's 1152 and 2240 on 256 chips).
   if mesh.shape["fsdp"] == 1:
     return
-  fraction = unshardable_fraction(abstract_state, mesh, rules)
+  fraction = unshardable_fraction(abstract_state, mesh.shape["fsdp"], rules)
   if fraction > 0.5:
     logging.warning(
         "config.mesh: fsdp=%d divides no axis of %.0f%% of the weights' bytes, so every device "

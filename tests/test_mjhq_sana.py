@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 
 from experiments import mjhq_sana
+from hierdistill import conditions as cond_lib
+from hierdistill import pipeline
+from hierdistill import sharding
 from hierdistill.config_checks import ConfigError
 from hierdistill.sources import mjhq as source_lib
 
@@ -27,6 +30,24 @@ def test_variants_and_defaults():
   assert c.eval.num_samples == 30_000 and c.eval.size == 512 and c.data.teacher_steps == 50
   with pytest.raises(ValueError, match="unknown variant '2K'"):
     mjhq_sana.get_config("2K")
+
+
+@pytest.mark.parametrize("size", ["0.6B", "1.6B"])
+def test_the_configured_mesh_shards_sanas_weights_on_every_slice(size):
+  """mjhq_sana.py's mesh (data -1, fsdp 64): on 16 chips all of them, on a v5e 16x16 (256) a
+  hybrid 4 x 64 that shards every large weight of SANA, where one fsdp axis of 256 would shard
+  almost nothing (256 divides none of its widths)."""
+  c = mjhq_sana.get_config(size)
+  assert sharding.mesh_shape(c.mesh.data, c.mesh.fsdp, 16) == (1, 16)
+  assert sharding.mesh_shape(c.mesh.data, c.mesh.fsdp, 256) == (4, 64)
+  null = cond_lib.Text(np.zeros((300, c.model.caption_channels), np.float32),
+                       np.ones(300, np.int32))
+  nets = pipeline.Networks(c, null)
+  shape = source_lib.T2ISource.example_shape(c)
+  for student in (False, True):
+    params = nets.abstract_params(shape, student=student)
+    assert sharding.unshardable_fraction(params, 64, c.sharding_rules) < 0.01
+    assert sharding.unshardable_fraction(params, 256, c.sharding_rules) > 0.9
 
 
 def test_every_missing_file_is_one_line_naming_key_and_where_published(tmp_path):

@@ -112,12 +112,12 @@ def test_an_fsdp_that_divides_no_width_is_measured_and_warned(caplog):
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   odd = {"odd": f32(36, 1001), "bias": f32(1001)}
   even = {"even": f32(64, 64)}
-  assert sharding.unshardable_fraction(odd, mesh) == 1.0
-  assert sharding.unshardable_fraction(even, mesh) == 0.0
-  assert sharding.unshardable_fraction({**odd, **even}, mesh) == pytest.approx(
+  assert sharding.unshardable_fraction(odd, 8) == 1.0
+  assert sharding.unshardable_fraction(even, 8) == 0.0
+  assert sharding.unshardable_fraction({**odd, **even}, 8) == pytest.approx(
       36 * 1001 / (36 * 1001 + 64 * 64))
   # Leaves a rule replicates on purpose are not counted.
-  assert sharding.unshardable_fraction(odd, mesh, ((".*odd", "replicate"), (".*", "fsdp"))) == 0
+  assert sharding.unshardable_fraction(odd, 8, ((".*odd", "replicate"), (".*", "fsdp"))) == 0
   with caplog.at_level("WARNING"):
     sharding.state_shardings(even, mesh)
     assert "divides no axis" not in caplog.text
