@@ -54,7 +54,7 @@ LEVERS = {
 
 
 # plans() names read "<kind> <run> <slice>"; the table's run column drops the kind.
-PREFIXES = ("fit ", "fsdp 256 ", "fsdp 16 ", "util remat off ", "util ", "before levers ", "micro 4 ", "optim on host ",
+PREFIXES = ("fit ", "fsdp 256 ", "util remat off ", "util ", "before levers ", "micro 4 ", "optim on host ",
             "scan fit ", "scan at micro 8 ", "scan ")
 
 
@@ -76,11 +76,6 @@ def plans() -> list:
   # hybrid one): 256 divides none of SANA's widths, so every weight stays whole on every chip.
   out.append(("fsdp 256 SANA-0.6B 512 px v5e:16x16", SANA["SANA-0.6B 512 px"], "v5e:16x16",
               (_SCAN, "--config.mesh.data=1", "--config.mesh.fsdp=-1")))
-  # SANA-1.6B at 1024 px on 256 chips keeps 9% of the HBM free in stage 2 at the config's
-  # fsdp 64: at 16, more weight a chip but the gradients reduced in pieces (the section "Why
-  # 64 v5e chips plan more temporaries than 16").
-  out.append(("fsdp 16 SANA-1.6B 1024 px v5e:16x16", SANA["SANA-1.6B 1024 px"], "v5e:16x16",
-              (_SCAN, "--config.mesh.fsdp=16")))
   # The one pod program compiled with its blocks unrolled, beside its scanned row.
   out.append(("SiT-XL/2 unrolled v5p:4x4x4", IMAGENET["SiT-XL/2"], "v5p:4x4x4", ()))
   for label, config in IMAGENET.items():

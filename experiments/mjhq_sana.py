@@ -58,6 +58,11 @@ def get_config(arg=None):
   # groups along data past 64 (sharding.make_mesh). 64 divides SANA's widths (1152, 2240 and
   # their MLPs'); 256 divides none of them, so fsdp over a whole v5e 16x16 shards nothing [ours].
   c.mesh.update(data=-1, fsdp=64)
+  # GLUMBConv's 3x3 depthwise kernels stay whole on every chip: 9 weights a channel, against
+  # activations of 1,024 tokens x 11,200 channels a sample. Sharded over fsdp, the compiler
+  # moves the activations to the kernel's channels instead, and on a hybrid mesh it gathers the
+  # whole batch's (benchmarks/README.md, "TPU plans") [ours].
+  c.sharding_rules = ((r"(^|/)conv_depth/", "replicate"), (".*", "fsdp"))
 
   c.data = ml_collections.ConfigDict(dict(
       name="t2i_latents",

@@ -4,8 +4,10 @@ before anything compiles, the SANA teacher import, a fast smoke test of the mock
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from experiments import mjhq_sana
 from hierdistill import conditions as cond_lib
@@ -36,7 +38,7 @@ def test_variants_and_defaults():
 def test_the_configured_mesh_shards_sanas_weights_on_every_slice(size):
   """mjhq_sana.py's mesh (data -1, fsdp 64): on 16 chips all of them, on a v5e 16x16 (256) a
   hybrid 4 x 64 that shards every large weight of SANA, where one fsdp axis of 256 would shard
-  almost nothing (256 divides none of its widths)."""
+  almost nothing (256 divides none of its widths); its rules keep the depthwise kernels whole."""
   c = mjhq_sana.get_config(size)
   assert sharding.mesh_shape(c.mesh.data, c.mesh.fsdp, 16) == (1, 16)
   assert sharding.mesh_shape(c.mesh.data, c.mesh.fsdp, 256) == (4, 64)
@@ -48,6 +50,14 @@ def test_the_configured_mesh_shards_sanas_weights_on_every_slice(size):
     params = nets.abstract_params(shape, student=student)
     assert sharding.unshardable_fraction(params, 64, c.sharding_rules) < 0.01
     assert sharding.unshardable_fraction(params, 256, c.sharding_rules) > 0.9
+  # The 3x3 depthwise kernels stay whole (their activations are what a sharded kernel moves);
+  # the 1x1 convs beside them are sharded.
+  mesh = sharding.make_mesh(1, 8, devices=jax.devices()[:8])
+  specs = {sharding.path_str(path): s.spec for path, s in jax.tree_util.tree_leaves_with_path(
+      sharding.state_shardings(params, mesh, c.sharding_rules))}
+  depthwise = [k for k in specs if k.endswith("conv_depth/kernel")]
+  assert depthwise and all(specs[k] == P() for k in depthwise)
+  assert all("fsdp" in specs[k] for k in specs if k.endswith("conv_inverted/kernel"))
 
 
 def test_every_missing_file_is_one_line_naming_key_and_where_published(tmp_path):
