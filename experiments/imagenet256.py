@@ -37,9 +37,11 @@ def get_config(arg=None):
   c.name = "imagenet256"
   # The teacher is imported, not trained: the chain starts at stage 1.
   c.stages = ("trajectory", "distribution", "eval")
-  # Every parameter and optimiser state sharded over all devices (three XL networks live at
-  # once in stage 2; PITFALLS.md); the batch is still split over every device. [ours]
-  c.mesh.update(data=1, fsdp=-1)
+  # Every parameter and optimiser state sharded over all devices up to 64 (three XL networks
+  # live at once in stage 2; PITFALLS.md), past 64 in groups of 64 along data (a hybrid mesh,
+  # sharding.mesh_shape): 64 divides every XL width (1152, 3456, 4608, 6912), 256 not 1152 or
+  # 3456. The batch is split over every device either way. [ours]
+  c.mesh.update(data=-1, fsdp=64)
 
   c.data = ml_collections.ConfigDict(dict(
       name="imagenet256_latents",

@@ -137,12 +137,13 @@ def unshardable_fraction(abstract_state, fsdp_size: int, rules=DEFAULT_RULES) ->
 
 
 def _warn_if_mostly_unshardable(abstract_state, mesh: Mesh, rules) -> None:
-  # An fsdp size that divides none of the model's widths shards nothing, and silently: every
-  # chip then holds every weight and its optimiser states (SANA's 1152 and 2240 on 256 chips).
+  # An fsdp size that divides none of a weight's axes leaves it whole, and silently: every chip
+  # then holds it and its optimiser states (SANA's widths on 256 chips: 98% of the bytes; the
+  # ImageNet XL models': 22%).
   if mesh.shape["fsdp"] == 1:
     return
   fraction = unshardable_fraction(abstract_state, mesh.shape["fsdp"], rules)
-  if fraction > 0.5:
+  if fraction > 0.2:
     logging.warning(
         "config.mesh: fsdp=%d divides no axis of %.0f%% of the weights' bytes, so every device "
         "holds them whole; use an fsdp that divides the model's widths, with data taking the "

@@ -14,6 +14,8 @@ from hierdistill.config_checks import ConfigError, validate_config
 from hierdistill.convert import dit as convert_dit
 from hierdistill.convert import from_config
 from hierdistill import encoding
+from hierdistill import pipeline
+from hierdistill import sharding
 from hierdistill.data import imagenet_latents as il
 
 
@@ -28,6 +30,19 @@ def test_config_is_sit_xl2_on_sd_vae_latents():
   assert c.vae.scaling_factor == 0.18215 and c.eval.num_samples == 50_000
   with pytest.raises(ValueError, match="unknown variant"):
     imagenet256.get_config("big")
+
+
+@pytest.mark.parametrize("arg", [None, "lightningdit"])
+def test_the_configured_mesh_shards_every_xl_weight_up_to_a_pod(arg):
+  """(data -1, fsdp 64): 64 chips as one fsdp axis, 256 as 4 x 64; over 256 chips a fifth of
+  the XL weights' bytes would stay whole on every chip."""
+  c = imagenet256.get_config(arg)
+  assert sharding.mesh_shape(c.mesh.data, c.mesh.fsdp, 64) == (1, 64)
+  assert sharding.mesh_shape(c.mesh.data, c.mesh.fsdp, 256) == (4, 64)
+  params = pipeline.Networks(c).abstract_params(
+      (c.model.input_size, c.model.input_size, c.model.in_channels), student=True)
+  assert sharding.unshardable_fraction(params, 64, c.sharding_rules) == 0.0
+  assert sharding.unshardable_fraction(params, 256, c.sharding_rules) > 0.2
 
 
 @pytest.mark.parametrize("key", ["teacher.init_checkpoint", "vae.path", "eval.inception_weights",
