@@ -38,7 +38,12 @@ def mesh_shape(data: int, fsdp: int, n: int) -> tuple:
   asked = (data, fsdp)
   if data == -1:
     fsdp = min(fsdp, n)
-    data = n // fsdp if fsdp > 0 and n % fsdp == 0 else 0
+    if fsdp > 0 and n % fsdp:
+      fits = max(d for d in range(1, fsdp + 1) if n % d == 0)
+      raise ConfigError(f"config.mesh: fsdp={fsdp} does not divide the {n} devices here, so "
+                        f"data=-1 cannot repeat it; give an fsdp that divides {n} (e.g. "
+                        f"--config.mesh.fsdp={fits}).")
+    data = n // fsdp if fsdp > 0 else 0
   if fsdp == -1:
     fsdp = n // data if data > 0 and n % data == 0 else 0
   if data * fsdp != n:

@@ -78,6 +78,13 @@ def test_mesh_from_config(data, fsdp, n, expected):
 def test_mesh_that_does_not_cover_the_devices_names_the_key():
   with pytest.raises(ValueError, match="config.mesh"):
     sharding.make_mesh(3, 2, devices=jax.devices()[:8])
+  # A capped fsdp that the slice's device count does not divide (64 on 96 chips) names the
+  # nearest that does.
+  with pytest.raises(ValueError, match=r"fsdp=64 does not divide the 96 devices.*"
+                                       r"--config\.mesh\.fsdp=48"):
+    sharding.mesh_shape(-1, 64, 96)
+  with pytest.raises(ValueError, match="fsdp=3 does not divide the 8 devices.*fsdp=2"):
+    sharding.make_mesh(-1, 3, devices=jax.devices()[:8])
 
 
 @pytest.mark.parametrize("name", ["trajectory", "distribution"])
