@@ -54,8 +54,8 @@ LEVERS = {
 
 
 # plans() names read "<kind> <run> <slice>"; the table's run column drops the kind.
-PREFIXES = ("fit ", "fsdp 256 ", "util remat off ", "util ", "before levers ", "micro 4 ", "optim on host ",
-            "scan fit ", "scan at micro 8 ", "scan ")
+PREFIXES = ("fit ", "fsdp 256 ", "util remat off ", "util ", "before levers ", "micro 4 ",
+            "optim on host ", "scan fit ", "scan at micro 8 ", "scan ")
 
 
 def plans() -> list:

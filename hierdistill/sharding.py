@@ -96,64 +96,70 @@ def _action(path: str, rules) -> str:
 _SMALLEST_SHARDED = 2 ** 12
 
 
-def _leaf_spec(path: str, shape: Sequence[int], rules, fsdp_size: int) -> P:
-  if _action(path, rules) == "replicate" or fsdp_size == 1:
-    return P()
+def _leaf_layout(path: str, shape: Sequence[int], rules, fsdp_size: int) -> tuple:
+  """(whether the rules ask to shard the leaf, its PartitionSpec): asked and replicated means
+  fsdp_size divides none of its axes."""
+  asked = _action(path, rules) == "fsdp" and int(np.prod(shape)) >= _SMALLEST_SHARDED
+  if not asked or fsdp_size == 1:
+    return asked, P()
   # The largest axis that the fsdp size divides.
   # A scanned stack's leaves (models/block_stack.py) lead with the block axis: sharding it
   # would put whole blocks on single chips, so it is never the one.
   first = 1 if _STACKED.search(path) else 0
   candidates = [(d, i) for i, d in enumerate(shape)
                 if i >= first and d % fsdp_size == 0 and d >= fsdp_size]
-  if not candidates or int(np.prod(shape)) < _SMALLEST_SHARDED:
-    return P()
+  if not candidates:
+    return True, P()
   _, axis = max(candidates)
   spec = [None] * len(shape)
   spec[axis] = "fsdp"
-  return P(*spec)
+  return True, P(*spec)
+
+
+def _leaf_spec(path: str, shape: Sequence[int], rules, fsdp_size: int) -> P:
+  return _leaf_layout(path, shape, rules, fsdp_size)[1]
+
+
+def _layouts(abstract_state, rules, fsdp_size: int):
+  """The pytree's leaves, their layouts (_leaf_layout) in the same order, and its treedef."""
+  with_paths, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
+  leaves = [leaf for _, leaf in with_paths]
+  layouts = [_leaf_layout(_path_str(path), getattr(leaf, "shape", ()), rules, fsdp_size)
+             for path, leaf in with_paths]
+  return leaves, layouts, treedef
+
+
+def _unshardable(leaves, layouts) -> float:
+  asked = unshardable = 0
+  for leaf, (is_asked, spec) in zip(leaves, layouts):
+    if is_asked:
+      size = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+      asked += size
+      unshardable += size if spec == P() else 0
+  return unshardable / asked if asked else 0.0
 
 
 def state_shardings(abstract_state, mesh: Mesh, rules=DEFAULT_RULES):
   """NamedShardings for every leaf of an abstract (eval_shape) pytree, by the partition rules."""
   fsdp_size = mesh.shape["fsdp"]
-
-  def one(path, leaf):
-    shape = getattr(leaf, "shape", ())
-    return NamedSharding(mesh, _leaf_spec(_path_str(path), shape, rules, fsdp_size))
-
-  shardings = jax.tree_util.tree_map_with_path(one, abstract_state)
-  _warn_if_mostly_unshardable(abstract_state, mesh, rules)
-  return shardings
+  leaves, layouts, treedef = _layouts(abstract_state, rules, fsdp_size)
+  # An fsdp size that divides none of a weight's axes leaves it whole, and silently: every chip
+  # then holds it and its optimiser states (SANA's widths on 256 chips: 98% of the bytes; the
+  # ImageNet XL models': 22%).
+  fraction = _unshardable(leaves, layouts) if fsdp_size > 1 else 0.0
+  if fraction > 0.2:
+    logging.warning(
+        "config.mesh: fsdp=%d divides no axis of %.0f%% of the weights' bytes, so every device "
+        "holds them whole; use an fsdp that divides the model's widths, with data taking the "
+        "rest (e.g. --config.mesh.data=-1 --config.mesh.fsdp=64).", fsdp_size, 100 * fraction)
+  return treedef.unflatten([NamedSharding(mesh, spec) for _, spec in layouts])
 
 
 def unshardable_fraction(abstract_state, fsdp_size: int, rules=DEFAULT_RULES) -> float:
   """Of the bytes the rules ask to shard (leaves of at least _SMALLEST_SHARDED elements), the
   fraction that stays whole on every device because fsdp_size divides none of its axes."""
-  asked = unshardable = 0
-  for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state):
-    shape, name = getattr(leaf, "shape", ()), _path_str(path)
-    if _action(name, rules) != "fsdp" or int(np.prod(shape)) < _SMALLEST_SHARDED:
-      continue
-    size = int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
-    asked += size
-    if _leaf_spec(name, shape, rules, fsdp_size) == P():
-      unshardable += size
-  return unshardable / asked if asked else 0.0
-
-
-def _warn_if_mostly_unshardable(abstract_state, mesh: Mesh, rules) -> None:
-  # An fsdp size that divides none of a weight's axes leaves it whole, and silently: every chip
-  # then holds it and its optimiser states (SANA's widths on 256 chips: 98% of the bytes; the
-  # ImageNet XL models': 22%).
-  if mesh.shape["fsdp"] == 1:
-    return
-  fraction = unshardable_fraction(abstract_state, mesh.shape["fsdp"], rules)
-  if fraction > 0.2:
-    logging.warning(
-        "config.mesh: fsdp=%d divides no axis of %.0f%% of the weights' bytes, so every device "
-        "holds them whole; use an fsdp that divides the model's widths, with data taking the "
-        "rest (e.g. --config.mesh.data=-1 --config.mesh.fsdp=64).", mesh.shape["fsdp"],
-        100 * fraction)
+  leaves, layouts, _ = _layouts(abstract_state, rules, fsdp_size)
+  return _unshardable(leaves, layouts)
 
 
 # The memory kind of the host's pinned memory: what the TPU (and GPU and CPU) runtimes move to

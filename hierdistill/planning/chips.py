@@ -15,6 +15,7 @@ each version: cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 
@@ -61,8 +62,10 @@ def _accelerator_type(topology: str) -> str:
           "v6e": f"v6e-{count}"}[version]
 
 
-def slice_devices(topology: str):
-  """The devices of a described TPU slice (compile-only: nothing runs on them).
+@functools.lru_cache(maxsize=None)
+def slice_devices(topology: str) -> tuple:
+  """The devices of a described TPU slice (compile-only: nothing runs on them); described once
+  a process (launch/plan.py asks before planning.plan does).
 
   Needs libtpu: `pip install -e ".[tpu]"`. Its start-up warnings about the worker hostnames
   and accelerator type (there is no TPU here) are silenced; a second process loading libtpu at
@@ -83,7 +86,7 @@ def slice_devices(topology: str):
                       "compiler; install it with pip install -e \".[tpu]\".") from None
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   try:
-    return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+    return tuple(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
   except Exception as e:  # libtpu's own words for a shape it does not know
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ConfigError(f"--topology={topology!r}: libtpu does not know this slice ({first}); "
