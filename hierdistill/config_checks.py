@@ -60,6 +60,8 @@ def validate_config(config) -> None:
       raise ConfigError(f"config.{s}.batch_size={cfg.batch_size} is not divisible by "
                         f"config.{s}.microbatches={cfg.microbatches}; use a divisor of the batch.")
   _check_int(config.get("max_consecutive_nonfinite", 20), "max_consecutive_nonfinite")
+  if "text_encoder" in config:  # 0: every prompt of a call at once
+    _check_int(config.text_encoder.get("batch_size", 0), "text_encoder.batch_size", minimum=0)
   profile = tuple(config.get("profile", ()) or ())
   if profile and (len(profile) != 2 or not all(isinstance(v, int) for v in profile)
                   or profile[0] < 0 or profile[1] < 1):

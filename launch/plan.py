@@ -11,8 +11,9 @@ the TPU compiler for that slice, with memory per chip and the compiler's step-ti
 Flags:
   --config=FILE[:ARG]   the experiment, with any --config.a.b=V override (as launch/main.py)
   --topology=NAME       a libtpu slice: <v4|v5e|v5p|v6e>:<shape>, e.g. v5e:2x2, v5p:4x4x4
-  --programs=a,b        of teacher, trajectory, distribution, sampler, generator (default:
-                        the configured stages' steps, then both samplers)
+  --programs=a,b        of teacher, trajectory, distribution, sampler, generator, encoder
+                        (default: the configured stages' steps, both samplers, and the frozen
+                        text encoder where the run has one: SANA's Gemma-2 on one chip)
   --model_flops         count the model's FLOPs (a trace without remat; default on)
   --json=FILE           also write the rows (bytes, FLOPs, seconds) as JSON
 

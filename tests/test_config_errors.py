@@ -13,8 +13,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments import digits
-from hierdistill import pipeline
+from experiments import digits, mjhq_sana
+from hierdistill import config_checks, pipeline
 from hierdistill.config_checks import ConfigError
 from hierdistill.sources.embedded import load_train_set
 
@@ -101,6 +101,16 @@ def test_value_of_the_wrong_type(tmp_path):
                                "--config.teacher.num_steps=four"))
   assert "--config.teacher.num_steps=four" in line and "give a value of the type" in line
   assert not (tmp_path / "run").exists()
+
+
+def test_text_encoder_batch_size_is_a_count_of_prompts():
+  config = mjhq_sana.get_config("runlocal")
+  config.text_encoder.batch_size = -1
+  with pytest.raises(ConfigError, match=r"^config\.text_encoder\.batch_size=-1 must be an "
+                     r"integer >= 0\.$"):
+    config_checks.validate_config(config)
+  config.text_encoder.batch_size = 0  # every prompt of a call at once
+  config_checks.validate_config(config)
 
 
 def test_missing_config_file(tmp_path):

@@ -150,3 +150,16 @@ def test_errors_name_the_key(image_set, tmp_path):
   with pytest.raises(ValueError, match="not t2i_latents"):
     tl.open_text_latents(str(tmp_path))
   assert tl.record_bytes(50, 2304, (32, 32, 32)) == 2 * 50 * 2304 + 65536 + 300
+
+
+def test_encoding_in_chunks_changes_nothing_but_memory(encoder):
+  """text_encoder.batch_size: 7 prompts in chunks of 3 (the last padded) give the embeddings of
+  7 at once; each row is encoded alone."""
+  chunked = sana_encoder.SanaTextEncoder(encoder.model, encoder.params, encoder.tokenizer,
+                                         use_instruction=False, max_sequence_length=12,
+                                         batch_size=3)
+  whole, parts = encoder(CAPTIONS), chunked(CAPTIONS)
+  assert parts["embeddings"].shape == whole["embeddings"].shape == (7, 12, encoder.width)
+  # float32 matmuls of another batch shape: a few 1e-6 apart, a misplaced row O(1)
+  np.testing.assert_allclose(parts["embeddings"], whole["embeddings"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(parts["mask"], whole["mask"])

@@ -16,6 +16,7 @@ from experiments import digits, digits_text, imagenet256, mjhq_sana
 from hierdistill import planning
 from hierdistill import sharding
 from hierdistill.planning import programs as programs_lib
+from hierdistill.text import sana_encoder, sana_prompts
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 if not HAS_LIBTPU and os.environ.get("CI"):
@@ -99,6 +100,45 @@ def test_tiny_steps_compile_for_a_v5e_slice_within_their_shapes(name):
     assert compiled.output_bytes - compiled.alias_bytes < 2 ** 20, (program.name, compiled)
     assert compiled.temp_bytes <= TEMP_PER_INPUT * padded, (program.name, compiled, padded)
     assert compiled.total_bytes < planning.chips.CHIPS["v5e"].hbm_bytes
+
+
+def test_the_text_encoder_is_planned_on_one_chip_in_its_chunks(tmp_path):
+  """SANA's Gemma-2 runs outside the train steps (extraction, the eval's prompts), on one chip:
+  its program is laid out there, at text_encoder.batch_size prompts, over the instruction's
+  tokens as the configured tokenizer counts them, or at most its bytes with no tokenizer."""
+  config = mjhq_sana.get_config("runlocal")
+  config.text_encoder.batch_size = 4  # of the extraction's 8
+  assert programs_lib.ENCODER in programs_lib.default_programs(config)
+  assert programs_lib.ENCODER not in programs_lib.default_programs(digits.get_config("tiny"))
+  mesh = sharding.make_mesh(2, 2, devices=planning.chips.slice_devices(TOPOLOGY))
+  (bound,) = programs_lib.build(config, mesh, (programs_lib.ENCODER,))
+  tok = sana_encoder.word_tokenizer(sana_prompts.COMPLEX_HUMAN_INSTRUCTION,
+                                    ("<pad>", "<eos>", "<bos>", "<unk>"))
+  tok.save(str(tmp_path / "tokenizer.json"))
+  config.text_encoder.tokenizer = str(tmp_path / "tokenizer.json")
+  (exact,) = programs_lib.build(config, mesh, (programs_lib.ENCODER,))
+  n_chi = sana_prompts.instruction_length(tok)
+  assert exact.args[1].shape == (4, n_chi + 24 - 2)
+  assert bound.args[1].shape[0] == 4 and bound.args[1].shape[1] > exact.args[1].shape[1]
+  assert "at most" in bound.what and "at most" not in exact.what
+  assert exact.mesh.devices.size == 1
+  compiled = planning.analysis.compile_program(exact, exact.mesh)
+  # The whole encoder on the one chip: its params and the ids, nothing sharded away.
+  assert exact.params_bytes + exact.batch_bytes <= compiled.argument_bytes
+  assert compiled.argument_bytes <= tiled_bytes(exact.args, exact.in_shardings)
+  assert compiled.compiler_flops > 0
+
+
+def test_describing_a_slice_leaves_the_environment_as_it_was(monkeypatch):
+  """libtpu is quieted with a TPU VM's variables while it starts; they must not outlive that,
+  or a run launched later from the same process would take this host for a pod's worker and
+  wait for a coordinator (launch/main.py reads TPU_WORKER_HOSTNAMES)."""
+  for key in ("TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE", "TPU_SKIP_MDS_QUERY"):
+    monkeypatch.delenv(key, raising=False)
+  planning.chips.slice_devices.cache_clear()
+  assert len(planning.chips.slice_devices(TOPOLOGY)) == 4
+  assert not {"TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE", "TPU_SKIP_MDS_QUERY"} & set(
+      os.environ)
 
 
 def test_a_program_too_large_for_the_chip_is_a_finding_not_a_crash():

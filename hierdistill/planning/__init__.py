@@ -119,8 +119,9 @@ def plan(config, topology: str, names=None, *, count_model_flops: bool = True,
       no_remat.model.remat = False
   rows = []
   for program in built:
+    program_mesh = program.mesh or mesh
     try:
-      compiled = analysis.compile_program(program, mesh)
+      compiled = analysis.compile_program(program, program_mesh)
     except analysis.DoesNotFit as e:
       rows.append(NoFit(name=program.name, what=program.what, params_bytes=program.params_bytes,
                         optim_bytes=program.optim_bytes, batch_bytes=program.batch_bytes,
@@ -134,7 +135,7 @@ def plan(config, topology: str, names=None, *, count_model_flops: bool = True,
     if no_remat is not None:
       (plain,) = programs.build(no_remat, mesh, (program.name,))
       total, counted = analysis.model_flops(plain, compiled.loop_trip_counts)
-      flops, factor = total / len(devices), (total / counted if counted else 1.0)
+      flops, factor = total / program_mesh.devices.size, (total / counted if counted else 1.0)
     row = Row(name=program.name, what=program.what, params_bytes=program.params_bytes,
               optim_bytes=program.optim_bytes, batch_bytes=program.batch_bytes,
               compiled=compiled, hbm_bytes=chip.hbm_bytes // per_chip,

@@ -14,6 +14,7 @@ each version: cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -72,22 +73,38 @@ def slice_devices(topology: str) -> tuple:
   the same time is allowed (ALLOW_MULTIPLE_LIBTPU_LOAD), since a compile holds no TPU.
   """
   chip_of(topology)
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  # What a TPU VM's metadata would tell libtpu; here only to keep its start-up quiet (the
-  # compile target is the topology named, whatever these say).
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE", _accelerator_type(topology))
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  with _libtpu_environment(topology):
+    try:
+      import libtpu  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      raise ConfigError("libtpu is not installed: planning for a TPU slice needs the TPU "
+                        "compiler; install it with pip install -e \".[tpu]\".") from None
+    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+    try:
+      return tuple(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+    except Exception as e:  # libtpu's own words for a shape it does not know
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise ConfigError(f"--topology={topology!r}: libtpu does not know this slice ({first}); "
+                        "give a shape of that version, e.g. v5e:2x2, v5e:4x4, v5p:2x2x2.") from None
+
+
+@contextlib.contextmanager
+def _libtpu_environment(topology: str):
+  """What a TPU VM's metadata would tell libtpu, set only while it starts: here it keeps its
+  start-up quiet (the compile target is the topology named, whatever these say). Restored
+  after, so that nothing later in the process takes this host for a TPU VM (a run launched
+  from it would otherwise read TPU_WORKER_HOSTNAMES as a pod's and wait for a coordinator)."""
+  quiet = {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1",  # a compile holds no TPU: others may load it too
+           "TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
+           "TPU_ACCELERATOR_TYPE": _accelerator_type(topology), "TF_CPP_MIN_LOG_LEVEL": "2"}
+  saved = {k: os.environ.get(k) for k in quiet}
+  for k, v in quiet.items():
+    os.environ.setdefault(k, v)
   try:
-    import libtpu  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    raise ConfigError("libtpu is not installed: planning for a TPU slice needs the TPU "
-                      "compiler; install it with pip install -e \".[tpu]\".") from None
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  try:
-    return tuple(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
-  except Exception as e:  # libtpu's own words for a shape it does not know
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ConfigError(f"--topology={topology!r}: libtpu does not know this slice ({first}); "
-                      "give a shape of that version, e.g. v5e:2x2, v5e:4x4, v5p:2x2x2.") from None
+    yield
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v

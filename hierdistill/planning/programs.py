@@ -1,8 +1,9 @@
 """Every program a run executes, as abstract arguments laid out on a mesh: the train step of
-each configured stage (the teacher's flow matching, stage 1, stage 2 with its k critic updates)
-and the samplers of the grids and the evaluation (the teacher's N-step ODE with CFG, the
-generator's one step). Shapes only: nothing is allocated, so a 1.6B-parameter run is laid out on
-a laptop.
+each configured stage (the teacher's flow matching, stage 1, stage 2 with its k critic updates),
+the samplers of the grids and the evaluation (the teacher's N-step ODE with CFG, the
+generator's one step), and the frozen text encoder where the data source runs one on a chip
+(SANA's Gemma-2, at extraction and for the eval's prompts). Shapes only: nothing is allocated,
+so a 1.6B-parameter run is laid out on a laptop.
 """
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ from hierdistill import conditions as cond_lib
 from hierdistill import pipeline
 from hierdistill import sharding
 from hierdistill import sources
-from hierdistill.config_checks import TRAINING_STAGES
+from hierdistill.config_checks import TRAINING_STAGES, ConfigError
 from hierdistill.stages import common
+from hierdistill.text import sana_encoder
 
 SAMPLERS = ("sampler", "generator")
-PROGRAMS = TRAINING_STAGES + SAMPLERS
+ENCODER = "encoder"
+PROGRAMS = TRAINING_STAGES + SAMPLERS + (ENCODER,)
 
 
 @dataclasses.dataclass
@@ -39,6 +42,12 @@ class Program:
   optim_bytes: int = 0
   batch_bytes: int = 0
   optim_on_host: bool = False  # the optimiser state lives in host memory (offload_optimizer_state)
+  mesh: Any = None  # the devices it runs on, where not the run's mesh (the encoder: one chip)
+
+
+def encodes_text(config) -> bool:
+  """Whether the run's conditions come from a large frozen text encoder (config.text_encoder)."""
+  return "text_encoder" in config and int(config.model.get("caption_channels", 0)) > 0
 
 
 def condition_kind(config):
@@ -46,7 +55,7 @@ def condition_kind(config):
 
   A text source encoded by a large frozen encoder (config.text_encoder) is laid out from the
   encoder's output shape: max_sequence_length tokens of model.caption_channels."""
-  if "text_encoder" in config and int(config.model.get("caption_channels", 0)) > 0:
+  if encodes_text(config):
     length = int(config.text_encoder.max_sequence_length)
     null = np.zeros((length, int(config.model.caption_channels)), np.float32)
     return cond_lib.Text(null, np.eye(1, length, dtype=np.int32)[0])
@@ -59,8 +68,10 @@ def example_shape(config) -> tuple:
 
 def default_programs(config) -> tuple:
   """The programs the configured chain runs: its training stages, then the samplers (the
-  teacher's sampler draws the grids and the eval's teacher rows; the generator its own)."""
-  return tuple(s for s in config.stages if s in TRAINING_STAGES) + SAMPLERS
+  teacher's sampler draws the grids and the eval's teacher rows; the generator its own), then
+  the text encoder where there is one."""
+  return (tuple(s for s in config.stages if s in TRAINING_STAGES) + SAMPLERS
+          + ((ENCODER,) if encodes_text(config) else ()))
 
 
 def build(config, mesh, names) -> list:
@@ -74,6 +85,8 @@ def build(config, mesh, names) -> list:
       out.append(_train_step(config, mesh, nets, shape, name))
     elif name in SAMPLERS:
       out.append(_sampler(config, mesh, nets, shape, name))
+    elif name == ENCODER:
+      out.append(_text_encoder(config, mesh))
     else:
       raise ValueError(f"unknown program {name!r}; choose from {PROGRAMS}.")
   return out
@@ -150,3 +163,31 @@ def _sampler(config, mesh, nets, shape, name) -> Program:
       out_shardings=sharding.batch_sharding(mesh), donate=(),
       params_bytes=sharding.per_device_bytes(params, params_sh),
       batch_bytes=sharding.per_device_bytes(batch, batch_sh))
+
+
+def _text_encoder(config, mesh) -> Program:
+  """The frozen text encoder on one chip, as extraction and the eval run it (a jit of
+  sana_encoder.encode_fn, params whole on the host's first device), at the larger of the
+  extraction and eval batches, or in chunks of config.text_encoder.batch_size."""
+  if not encodes_text(config):
+    raise ConfigError(f"--programs={ENCODER}: {config.name} has no frozen text encoder "
+                      "(config.text_encoder); plan its other programs.")
+  module, length, exact = sources.source_class(config.data.name).abstract_text_encoder(config)
+  b = max(int(config.data.get("extract_batch_size", 1)), int(config.eval.batch_size))
+  b = min(b, int(config.text_encoder.get("batch_size", 0)) or b)  # encoded in chunks of it
+  chip = jax.sharding.Mesh(np.asarray(mesh.devices).reshape(-1)[:1].reshape(1, 1),
+                           mesh.axis_names)
+  ids = jax.ShapeDtypeStruct((b, length), jnp.int32)
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  params = jax.eval_shape(module.init, key, ids, ids)["params"]
+  whole = sharding.replicated(chip)
+  params_sh = jax.tree.map(lambda _: whole, params)
+  n = int(config.text_encoder.max_sequence_length)
+  what = (f"text encoder ({module.num_layers} layers, width {module.hidden_size}) on one chip, "
+          f"batch {b} x {length} tokens{'' if exact else ' (at most: no tokenizer file read)'}"
+          f" -> {n}")
+  return Program(
+      name=ENCODER, what=what, fn=sana_encoder.encode_fn(module, n), args=(params, ids, ids),
+      in_shardings=(params_sh, whole, whole), out_shardings=whole, donate=(),
+      params_bytes=sharding.per_device_bytes(params, params_sh),
+      batch_bytes=2 * b * length * 4, mesh=chip)  # ids and mask, int32

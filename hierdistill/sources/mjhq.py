@@ -160,7 +160,7 @@ def load_text_encoder(config):
   t = config.text_encoder
   tok = sana_prompts.load_tokenizer(tokenizer_path(t))
   kw = dict(use_instruction=bool(t.use_instruction),
-            max_sequence_length=int(t.max_sequence_length))
+            max_sequence_length=int(t.max_sequence_length), batch_size=int(t.get("batch_size", 0)))
   if t.random_init:
     return sana_encoder.random_encoder(tokenizer=tok, sizes=t.sizes.to_dict(),
                                        seed=config.seed, **kw)
@@ -169,6 +169,36 @@ def load_text_encoder(config):
   model, params = convert_gemma2.load_gemma2(t.path, config_key="config.text_encoder.path",
                                              overrides={"dtype": dtype_of(t.dtype)})
   return sana_encoder.SanaTextEncoder(model, params, tok, **kw)
+
+
+def abstract_text_encoder(config) -> Tuple[Any, int, bool]:
+  """(module, L, exact): the Gemma-2 that load_text_encoder would build and the length L of the
+  sequences it encodes, from the config alone (no weights read), for launch/plan.py.
+
+  L = n_chi + max_sequence_length - 2 with the instruction (sana_prompts.tokenize). n_chi is
+  the tokenizer's count when its file is at hand (exact); else the instruction's UTF-8 bytes
+  plus BOS, an upper bound, since every token of Gemma's byte-fallback vocabulary spells at
+  least one byte."""
+  from hierdistill.models import gemma2  # pylint: disable=g-import-not-at-top
+  from hierdistill.text import sana_prompts  # pylint: disable=g-import-not-at-top
+  from hierdistill.stages.common import dtype_of  # pylint: disable=g-import-not-at-top
+  t = config.text_encoder
+  path = tokenizer_path(t)
+  tok = sana_prompts.load_tokenizer(path) if path and os.path.exists(path) else None
+  if t.random_init:  # as sana_encoder.random_encoder builds it
+    fields = {**gemma2.GEMMA2_TINY, "dtype": jnp.float32, **t.sizes.to_dict()}
+    if tok is not None:
+      fields["vocab_size"] = max(int(fields["vocab_size"]), tok.get_vocab_size())
+  else:  # the published 2B, stored in bfloat16 as convert/gemma2.load_gemma2 stores it
+    fields = {**gemma2.GEMMA2_2B, "dtype": dtype_of(t.dtype), "param_dtype": jnp.bfloat16}
+  length, exact = int(t.max_sequence_length), True
+  if t.use_instruction:
+    if tok is not None:
+      n_chi = sana_prompts.instruction_length(tok)
+    else:
+      n_chi, exact = len("\n".join(sana_prompts.COMPLEX_HUMAN_INSTRUCTION).encode()) + 1, False
+    length = n_chi + length - 2
+  return gemma2.Gemma2Encoder(**fields), length, exact
 
 
 def load_clip(config, seed: int = 0):
@@ -280,6 +310,12 @@ class T2ISource(DataSource):
   @classmethod
   def condition_kind(cls, config):
     return cond_lib.Text(*load_text_encoder(config).null())
+
+  @classmethod
+  def abstract_text_encoder(cls, config):
+    """The frozen encoder this source runs on a chip (at extraction and for the eval's
+    prompts), for planning: abstract_text_encoder above."""
+    return abstract_text_encoder(config)
 
   @classmethod
   def example_prompts(cls, config) -> tuple:

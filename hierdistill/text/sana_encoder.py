@@ -25,17 +25,20 @@ class SanaTextEncoder:
   model, params: a Gemma2Encoder and its params. tokenizer: a `tokenizers.Tokenizer` with
   Gemma's <bos> and <pad>. use_instruction: prefix the complex human instruction (SANA's
   default, and how the published teachers were sampled). max_sequence_length: 300 in SANA.
+  batch_size: prompts encoded at a time (0: all at once). Each row is encoded alone, so it
+  changes only memory: the attention of a batch of 64 instruction-prefixed prompts does not fit
+  one v5e chip beside the 2B weights (launch/plan.py --programs=encoder).
   """
 
   def __init__(self, model, params, tokenizer, *, use_instruction: bool = True,
-               max_sequence_length: int = sana_prompts.MAX_SEQUENCE_LENGTH):
+               max_sequence_length: int = sana_prompts.MAX_SEQUENCE_LENGTH,
+               batch_size: int = 0):
     self.model, self.params, self.tokenizer = model, params, tokenizer
     self.instruction = sana_prompts.COMPLEX_HUMAN_INSTRUCTION if use_instruction else None
     self.max_sequence_length = int(max_sequence_length)
+    self.batch_size = int(batch_size)
     self.width = int(model.hidden_size)
-    n = self.max_sequence_length
-    self._encode = jax.jit(lambda p, ids, mask: sana_prompts.select(
-        model.apply({"params": p}, ids, mask), n))
+    self._encode = jax.jit(encode_fn(model, self.max_sequence_length))
 
   def __call__(self, prompts: Sequence[str]) -> Dict[str, np.ndarray]:
     """{'embeddings': (B, L, D) float32, 'mask': (B, L) int32}, L = max_sequence_length."""
@@ -44,8 +47,15 @@ class SanaTextEncoder:
     return self._run(ids, mask)
 
   def _run(self, ids, mask) -> Dict[str, np.ndarray]:
-    emb = self._encode(self.params, jnp.asarray(ids), jnp.asarray(mask))
-    return {"embeddings": np.asarray(emb, np.float32),
+    b = len(ids)
+    step = min(self.batch_size or b, b)
+    pad = -b % step  # a short last chunk is padded with copies of the last row: one shape
+    ids_p, mask_p = (np.concatenate([a, np.repeat(a[-1:], pad, 0)]) for a in (ids, mask))
+    emb = np.concatenate([
+        np.asarray(self._encode(self.params, jnp.asarray(ids_p[i:i + step]),
+                                jnp.asarray(mask_p[i:i + step])), np.float32)
+        for i in range(0, b + pad, step)])[:b]
+    return {"embeddings": emb,
             "mask": np.asarray(sana_prompts.select(mask, self.max_sequence_length), np.int32)}
 
   def null(self) -> Tuple[np.ndarray, np.ndarray]:
@@ -54,6 +64,14 @@ class SanaTextEncoder:
                                                max_sequence_length=self.max_sequence_length)
     out = self._run(ids, mask)
     return out["embeddings"][0], out["mask"][0]
+
+
+def encode_fn(model, max_sequence_length: int):
+  """(params, ids, mask) -> (B, max_sequence_length, D): Gemma-2's last hidden state at BOS and
+  the last max_sequence_length - 1 positions (sana_prompts.select). What SanaTextEncoder jits,
+  and what launch/plan.py compiles as the run's "encoder" program."""
+  return lambda params, ids, mask: sana_prompts.select(
+      model.apply({"params": params}, ids, mask), max_sequence_length)
 
 
 def word_tokenizer(texts: Sequence[str], specials: Sequence[str]) -> Any:
