@@ -6,6 +6,7 @@ full depth for real slices (launch/plan.py), collected into the tables of benchm
   python benchmarks/tpu_table.py                        # compile what is missing, then the table
   python benchmarks/tpu_table.py --only=fit             # the plans whose name contains 'fit'
   python benchmarks/tpu_table.py --table                # the table from what is done
+  python benchmarks/tpu_table.py --only=fit --redo      # recompile after a config change
 
 Each (plan, program) is one `launch/plan.py --programs=<program> --json=...` process, and its
 row is kept in benchmarks/tpu_plans.json as soon as it is done: a full-depth program takes
@@ -28,6 +29,7 @@ ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "tpu_plans.json")
 GiB = 2 ** 30
 PROGRAMS = ("trajectory", "distribution", "sampler", "generator")
+ENCODER = "encoder"  # SANA's Gemma-2-2B on one chip (extraction, the eval's prompts)
 
 IMAGENET = {"SiT-XL/2": "experiments/imagenet256.py",
             "LightningDiT-XL/1": "experiments/imagenet256.py:lightningdit",
@@ -102,8 +104,10 @@ def plans() -> list:
   # Scanned, stage 2 at 4 micro-batches keeps 12% free: at 8, as DiT-XL/2 unrolled.
   out.append(("scan at micro 8 SiT-XL/2 v5e:2x2", IMAGENET["SiT-XL/2"], "v5e:2x2",
               LEVERS["DiT-XL/2"] + (_SCAN,)))
-  # SANA-1.6B's fit with its blocks scanned: its stage 2 unrolled did not compile in this
-  # host's memory.
+  # SANA's fits with their blocks scanned: SANA-1.6B's stage 2 unrolled did not compile in this
+  # host's memory, and scanned the 0.6B's compiles in minutes instead of 40.
+  out.append(("scan fit SANA-0.6B 1024 px v5e:2x4", SANA["SANA-0.6B 1024 px"], "v5e:2x4",
+              LEVERS["SANA"] + (_SCAN,)))
   for topology in ("v5e:4x4", "v6e:2x4"):
     out.append((f"scan fit SANA-1.6B 1024 px {topology}", SANA["SANA-1.6B 1024 px"], topology,
                 LEVERS["SANA"] + (_SCAN,)))
@@ -121,9 +125,18 @@ def plans() -> list:
   return out
 
 
+def programs_of(config) -> tuple:
+  """The programs of a plan: the two stages' steps, the samplers, and the text encoder of the
+  runs that have one."""
+  return PROGRAMS + ((ENCODER,) if config.startswith("experiments/mjhq_sana.py") else ())
+
+
 def key_of(config, topology, overrides, program) -> str:
   """The row's key: only the overrides that reach `program` (a stage's own keys reach only its
   step; the samplers none of them), so changing one stage's lever keeps the others' rows."""
+  if program == ENCODER:  # the same Gemma-2 on one chip whatever SANA's size and resolution
+    kept = [o for o in overrides if o.startswith("--config.text_encoder.")]
+    return "|".join((config.split(":")[0], topology, " ".join(kept), program))
   other_stages = [s for s in ("trajectory", "distribution") if s != program]
   kept = [o for o in overrides if not any(o.startswith(f"--config.{s}.") for s in other_stages)]
   if program in ("sampler", "generator"):  # they read the trained networks, never the frozen copy
@@ -188,7 +201,7 @@ def table(results: dict, only: str = "") -> str:
   for name, config, topology, overrides in plans():
     if only and only not in name:
       continue
-    for program in PROGRAMS:
+    for program in programs_of(config):
       key = key_of(config, topology, overrides, program)
       row = results.get(key)
       if row is None or key in seen:  # plans may share a program (a lever of the other stage)
@@ -196,6 +209,8 @@ def table(results: dict, only: str = "") -> str:
       seen.add(key)
       label = next((name[len(p):] for p in PREFIXES if name.startswith(p)), name)
       label = label.rsplit(" ", 1)[0]  # the topology has its own column
+      if program == ENCODER:
+        label = "SANA's Gemma-2-2B"
       levers = lever_label(key_of(config, topology, overrides, program).split("|")[2])
       if "error" in row:
         what = row["error"] if row.get("does_not_fit") else f"failed: {row['error']}"
@@ -222,13 +237,20 @@ def table(results: dict, only: str = "") -> str:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--only", default="", help="plans whose name contains this")
-  parser.add_argument("--programs", default=",".join(PROGRAMS))
+  parser.add_argument("--programs", default="", help="of " + ", ".join(PROGRAMS + (ENCODER,))
+                      + " (default: each plan's own)")
   parser.add_argument("--list", action="store_true", help="list the plans and what is done")
   parser.add_argument("--table", action="store_true", help="print the table of what is done")
   parser.add_argument("--timeout_s", type=int, default=3 * 3600, help="per program")
+  parser.add_argument("--redo", action="store_true",
+                      help="recompile the selected rows though done: a row's key holds the "
+                           "config's name and overrides, not what the config file says, so a "
+                           "changed config (its mesh, its partition rules) needs this")
   args = parser.parse_args(argv)
   results = load()
-  todo = [(p, prog) for p in plans() if args.only in p[0] for prog in args.programs.split(",")]
+  asked = args.programs.split(",") if args.programs else None
+  todo = [(p, prog) for p in plans() if args.only in p[0] for prog in programs_of(p[1])
+          if asked is None or prog in asked]
   if args.list:
     for (name, config, topology, overrides), program in todo:
       done = key_of(config, topology, overrides, program) in results
@@ -237,7 +259,8 @@ def main(argv=None):
   if not args.table:
     for (name, config, topology, overrides), program in todo:
       key = key_of(config, topology, overrides, program)
-      if key in results and ("error" not in results[key] or results[key].get("does_not_fit")):
+      if (not args.redo and key in results
+          and ("error" not in results[key] or results[key].get("does_not_fit"))):
         continue  # done, or refused by the compiler for HBM (a finding, not a failure)
       print(f"[{time.strftime('%H:%M:%S')}] {name}: {program} ...", flush=True)
       row = compile_one(config, topology, overrides, program, args.timeout_s)
