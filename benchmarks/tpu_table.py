@@ -55,6 +55,12 @@ LEVERS = {
 }
 
 
+# Plans compiled before mjhq_sana.py's sharding_rules kept SANA's depthwise kernels whole, kept
+# as they were (unrolled, each program takes 15-45 minutes and up to 38 GiB of host memory
+# here); the "scan fit" plans are the config as it is. The table says so in their levers.
+BEFORE_DEPTHWISE_RULE = ("fit SANA-0.6B 1024 px v5e:2x4", "fit SANA-1.6B 1024 px v5e:4x4",
+                         "fit SANA-1.6B 1024 px v6e:2x4")
+
 # plans() names read "<kind> <run> <slice>"; the table's run column drops the kind.
 PREFIXES = ("fit ", "fsdp 256 ", "util remat off ", "util ", "before levers ", "micro 4 ",
             "optim on host ", "scan fit ", "scan at micro 8 ", "scan ")
@@ -212,6 +218,8 @@ def table(results: dict, only: str = "") -> str:
       if program == ENCODER:
         label = "SANA's Gemma-2-2B"
       levers = lever_label(key_of(config, topology, overrides, program).split("|")[2])
+      if name in BEFORE_DEPTHWISE_RULE and program != ENCODER:
+        levers += " (depthwise kernels sharded: before the rule)"
       if "error" in row:
         what = row["error"] if row.get("does_not_fit") else f"failed: {row['error']}"
         lines.append(f"| {label} | {topology} | {levers} | {program} | {what} "
@@ -224,6 +232,8 @@ def table(results: dict, only: str = "") -> str:
         # The cost analysis counts one block; scaling its bytes by the loops' factor scales the
         # bytes outside them too (the optimiser's pass over every weight): a bound, no more.
         source, util = f"{source}: at most", f">= {util}"
+      elif source == "roofline":  # no estimate from the compiler: its FLOPs and bytes at the
+        util = f"<= {util}"  # chip's peak and bandwidth bound the time from below
       mark = "" if source == "compiler" else f" ({source})"
       lines.append(
           f"| {label} | {topology} | {levers} | {program} | {row['params_bytes'] / GiB:.2f} | "

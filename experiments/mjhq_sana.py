@@ -86,8 +86,9 @@ def get_config(arg=None):
   c.text_encoder = ml_collections.ConfigDict(dict(
       path="", tokenizer="",  # '' = tokenizer.json beside the weights
       use_instruction=True, max_sequence_length=300, dtype="bfloat16",  # [SANA]
-      # Prompts a chip encodes at a time [ours]: 64 with the instruction do not fit a v5e chip
-      # beside the 2B weights (launch/plan.py --programs=encoder; benchmarks/README.md).
+      # Prompts a chip encodes at a time [ours]: 64 with the instruction, planned at the most
+      # tokens it can take, do not fit a v5e chip beside the 2B weights (16.04 GiB; 16: 8.32;
+      # launch/plan.py --programs=encoder).
       batch_size=16,
       random_init=False, sizes=ml_collections.ConfigDict()))  # random_init: GEMMA2_TINY + sizes
 

@@ -26,8 +26,9 @@ class SanaTextEncoder:
   Gemma's <bos> and <pad>. use_instruction: prefix the complex human instruction (SANA's
   default, and how the published teachers were sampled). max_sequence_length: 300 in SANA.
   batch_size: prompts encoded at a time (0: all at once). Each row is encoded alone, so it
-  changes only memory: the attention of a batch of 64 instruction-prefixed prompts does not fit
-  one v5e chip beside the 2B weights (launch/plan.py --programs=encoder).
+  changes only memory: planned at the most tokens the instruction can take, the attention of
+  64 instruction-prefixed prompts does not fit one v5e chip beside the 2B weights
+  (launch/plan.py --programs=encoder).
   """
 
   def __init__(self, model, params, tokenizer, *, use_instruction: bool = True,
