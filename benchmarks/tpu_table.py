@@ -63,7 +63,8 @@ BEFORE_DEPTHWISE_RULE = ("fit SANA-0.6B 1024 px v5e:2x4", "fit SANA-1.6B 1024 px
 
 # plans() names read "<kind> <run> <slice>"; the table's run column drops the kind.
 PREFIXES = ("fit ", "fsdp 256 ", "util remat off ", "util ", "before levers ", "micro 4 ",
-            "optim on host ", "scan fit ", "scan at micro 8 ", "scan ")
+            "optim on host ", "scan fit ", "scan at micro 8 ", "scan no levers ",
+            "scan bf16 only ", "scan ")
 
 
 def plans() -> list:
@@ -107,6 +108,12 @@ def plans() -> list:
   # the same fit plan otherwise: what it does to memory, and to the time to compile.
   out.append(("scan SiT-XL/2 v5e:2x2", IMAGENET["SiT-XL/2"], "v5e:2x2",
               LEVERS["SiT-XL/2"] + (_SCAN,)))
+  # What each lever buys on that slice, scanned (unrolled, stage 2 without levers needs more
+  # host memory than this 24 GiB host has): none, then the bf16 teacher alone; with both and 4
+  # or 8 micro-batches are the plans around these.
+  out.append(("scan no levers SiT-XL/2 v5e:2x2", IMAGENET["SiT-XL/2"], "v5e:2x2", (_SCAN,)))
+  out.append(("scan bf16 only SiT-XL/2 v5e:2x2", IMAGENET["SiT-XL/2"], "v5e:2x2",
+              (_BF16, _SCAN)))
   # Scanned, stage 2 at 4 micro-batches keeps 12% free: at 8, as DiT-XL/2 unrolled.
   out.append(("scan at micro 8 SiT-XL/2 v5e:2x2", IMAGENET["SiT-XL/2"], "v5e:2x2",
               LEVERS["DiT-XL/2"] + (_SCAN,)))
