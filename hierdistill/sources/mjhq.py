@@ -175,30 +175,27 @@ def abstract_text_encoder(config) -> Tuple[Any, int, bool]:
   """(module, L, exact): the Gemma-2 that load_text_encoder would build and the length L of the
   sequences it encodes, from the config alone (no weights read), for launch/plan.py.
 
-  L = n_chi + max_sequence_length - 2 with the instruction (sana_prompts.tokenize). n_chi is
-  the tokenizer's count when its file is at hand (exact); else the instruction's UTF-8 bytes
-  plus BOS, an upper bound, since every token of Gemma's byte-fallback vocabulary spells at
-  least one byte."""
+  L = sana_prompts.sequence_length(n_chi) with the instruction. n_chi is the tokenizer's count
+  when its file is at hand (exact); else sana_prompts.instruction_length_bound, an upper
+  bound."""
   from hierdistill.models import gemma2  # pylint: disable=g-import-not-at-top
-  from hierdistill.text import sana_prompts  # pylint: disable=g-import-not-at-top
+  from hierdistill.text import sana_encoder, sana_prompts  # pylint: disable=g-import-not-at-top
   from hierdistill.stages.common import dtype_of  # pylint: disable=g-import-not-at-top
   t = config.text_encoder
   path = tokenizer_path(t)
   tok = sana_prompts.load_tokenizer(path) if path and os.path.exists(path) else None
-  if t.random_init:  # as sana_encoder.random_encoder builds it
-    fields = {**gemma2.GEMMA2_TINY, "dtype": jnp.float32, **t.sizes.to_dict()}
-    if tok is not None:
-      fields["vocab_size"] = max(int(fields["vocab_size"]), tok.get_vocab_size())
+  if t.random_init:
+    module = sana_encoder.random_encoder_module(t.sizes.to_dict(), tok)
   else:  # the published 2B, stored in bfloat16 as convert/gemma2.load_gemma2 stores it
-    fields = {**gemma2.GEMMA2_2B, "dtype": dtype_of(t.dtype), "param_dtype": jnp.bfloat16}
+    module = gemma2.Gemma2Encoder(**{**gemma2.GEMMA2_2B, "dtype": dtype_of(t.dtype),
+                                     "param_dtype": jnp.bfloat16})
   length, exact = int(t.max_sequence_length), True
   if t.use_instruction:
-    if tok is not None:
-      n_chi = sana_prompts.instruction_length(tok)
-    else:
-      n_chi, exact = len("\n".join(sana_prompts.COMPLEX_HUMAN_INSTRUCTION).encode()) + 1, False
-    length = n_chi + length - 2
-  return gemma2.Gemma2Encoder(**fields), length, exact
+    exact = tok is not None
+    n_chi = (sana_prompts.instruction_length(tok) if exact
+             else sana_prompts.instruction_length_bound())
+    length = sana_prompts.sequence_length(n_chi, length)
+  return module, length, exact
 
 
 def load_clip(config, seed: int = 0):

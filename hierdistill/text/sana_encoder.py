@@ -91,17 +91,24 @@ def word_tokenizer(texts: Sequence[str], specials: Sequence[str]) -> Any:
   return tok
 
 
+def random_encoder_module(sizes: Optional[Dict[str, Any]] = None, tokenizer: Any = None):
+  """random_encoder's Gemma2Encoder, float32: GEMMA2_TINY updated by `sizes`, its vocabulary
+  at least the tokenizer's (when given)."""
+  from hierdistill.models.gemma2 import GEMMA2_TINY, Gemma2Encoder  # pylint: disable=g-import-not-at-top
+  fields = {**GEMMA2_TINY, "dtype": jnp.float32, **(sizes or {})}
+  if tokenizer is not None:
+    fields["vocab_size"] = max(int(fields["vocab_size"]), tokenizer.get_vocab_size())
+  return Gemma2Encoder(**fields)
+
+
 def random_encoder(texts: Sequence[str] = (), *, tokenizer: Any = None,
                    sizes: Optional[Dict[str, Any]] = None, seed: int = 0,
                    **kwargs) -> SanaTextEncoder:
   """A tiny random Gemma-2 (GEMMA2_TINY updated by `sizes`) with `tokenizer`, by default a word
   tokenizer over the instruction and `texts`: tests and runlocal only."""
-  from hierdistill.models.gemma2 import GEMMA2_TINY, Gemma2Encoder  # pylint: disable=g-import-not-at-top
   tok = tokenizer or word_tokenizer(list(sana_prompts.COMPLEX_HUMAN_INSTRUCTION) + list(texts),
                                     ("<pad>", "<eos>", "<bos>", "<unk>"))
-  fields = {**GEMMA2_TINY, "dtype": jnp.float32, **(sizes or {})}
-  fields["vocab_size"] = max(int(fields["vocab_size"]), tok.get_vocab_size())
-  model = Gemma2Encoder(**fields)
+  model = random_encoder_module(sizes, tok)
   ids = jnp.zeros((1, 4), jnp.int32)
   params = model.init(jax.random.PRNGKey(seed), ids, jnp.ones_like(ids))["params"]
   return SanaTextEncoder(model, params, tok, **kwargs)

@@ -81,6 +81,19 @@ def instruction_length(tokenizer: Any, instruction: Sequence[str] = COMPLEX_HUMA
   return len(_encode(tokenizer, "\n".join(instruction), _token_id(tokenizer, BOS_TOKEN)))
 
 
+def instruction_length_bound(instruction: Sequence[str] = COMPLEX_HUMAN_INSTRUCTION) -> int:
+  """The most n_chi can be whatever the tokenizer: the joined instruction's UTF-8 bytes, plus
+  BOS (every token of Gemma's byte-fallback vocabulary spells at least one byte). For plans made
+  where no tokenizer file is at hand."""
+  return len("\n".join(instruction).encode()) + 1
+
+
+def sequence_length(n_chi: int, max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> int:
+  """L, the encoder's input length with the instruction: n_chi + max_sequence_length - 2
+  (SanaPipeline's max_length_all)."""
+  return n_chi + max_sequence_length - 2
+
+
 def tokenize(tokenizer: Any, prompts: Sequence[str], *,
              instruction: Optional[Sequence[str]] = COMPLEX_HUMAN_INSTRUCTION,
              max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> Tuple[np.ndarray, np.ndarray]:
@@ -96,7 +109,7 @@ def tokenize(tokenizer: Any, prompts: Sequence[str], *,
   prefix = "\n".join(instruction) if instruction else ""
   length = max_sequence_length
   if instruction:
-    length = len(_encode(tokenizer, prefix, bos)) + max_sequence_length - 2
+    length = sequence_length(len(_encode(tokenizer, prefix, bos)), max_sequence_length)
   ids = np.full((len(prompts), length), pad, np.int32)
   mask = np.zeros((len(prompts), length), np.int32)
   for row, prompt in enumerate(prompts):
