@@ -396,8 +396,11 @@ def plot(runs: dict, costs: dict, references: dict, out_dir: str) -> list[str]:
       if ys:
         band(axes[0], xs, ys, run)
         band(axes[1], xc, ys, run)
+    # The teacher's row names its sampling steps: "teacher (50 steps)".
+    teacher_label = next((r["teacher"]["model"] for r in references.values() if "teacher" in r),
+                         "teacher")
     for ax in axes:
-      reference(ax, "teacher", metric, "--", "teacher (N steps)")
+      reference(ax, "teacher", metric, "--", teacher_label)
       reference(ax, f"TD only ({nfe})", metric, ":", f"TD only, {nfe} step(s)")
       ax.set_ylabel(title)
       ax.grid(alpha=0.3)
