@@ -34,8 +34,8 @@ def get_config(arg=None):
   # weights"): 0.1 is the best of 0.03 / 0.1 / 0.3 / 0.9 at 600 stage-2 steps for HD + AWD and
   # for DMD + AWD, and at 0.1 the runs of two more seeds stay level or fall to 1,200 steps,
   # where at 0.3 (the digits' 0.9 scaled by sqrt(64/784), the earlier default) every run of
-  # seed 0 drifted up after step 300. Smaller
-  # than the digits' 0.9 because DMD's gradient is spread over 12 times the pixels.
+  # seed 0 drifted up after step 300. Smaller than the digits' 0.9 because DMD's gradient is
+  # spread over 12 times the pixels.
   c.distribution.gen_adv_weight = 0.1
   # 100 samples: a row of 10 per class.
   c.sample.update(grid_size=100, teacher_steps=50)
