@@ -384,6 +384,9 @@ def plot(runs: dict, costs: dict, references: dict, out_dir: str) -> list[str]:
     if vals:
       ax.axhline(np.mean(vals), color="grey", linestyle=style, linewidth=1, label=label)
 
+  # The teacher's row names its sampling steps: "teacher (50 steps)".
+  teacher_label = next((r["teacher"]["model"] for r in references.values() if "teacher" in r),
+                       "teacher")
   figures = [("fd", fd, 1, f"{fd}, one step"), ("fd_two_steps", fd, 2, f"{fd}, two steps"),
              ("recall", "recall", 1, "recall, one step"),
              ("class_tv", "class_tv", 1, "class histogram's distance to the data's (TV)")]
@@ -400,9 +403,6 @@ def plot(runs: dict, costs: dict, references: dict, out_dir: str) -> list[str]:
       if ys:
         band(axes[0], xs, ys, run)
         band(axes[1], xc, ys, run)
-    # The teacher's row names its sampling steps: "teacher (50 steps)".
-    teacher_label = next((r["teacher"]["model"] for r in references.values() if "teacher" in r),
-                         "teacher")
     for ax in axes:
       reference(ax, "teacher", metric, "--", teacher_label)
       reference(ax, f"TD only ({nfe})", metric, ":", f"TD only, {nfe} step(s)")
