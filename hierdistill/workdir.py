@@ -3,8 +3,11 @@
 The pipeline writes <workdir>/config.json. A later command in the same workdir resumes that run,
 so its config is compared with the stored one first. Keys that change how a run is watched,
 saved or placed, not what it computes, may differ (FREE_KEYS, and every stage's FREE_STAGE_KEYS).
-A stage's num_steps may change (to train longer or stop earlier) unless that stage already
-has a checkpoint beyond the new count, or a later stage has already started from its result.
+So may every key of a stage that has not started here, nor has any stage after it: nothing in
+the workdir was computed with it yet, so trying stage-2 settings on a finished stage 1 needs no
+new workdir. A stage's num_steps may change (to train longer or stop earlier) unless that stage
+already has a checkpoint beyond the new count, or a later stage has already started from its
+result.
 Keys that only one of the two configs has (a newer or older release) are not compared. Any other
 difference refuses the run, unless --overwrite asks to move the old run aside (never deleted).
 """
@@ -88,6 +91,19 @@ def _is_free(key: str) -> bool:
   return block in TRAINING_STAGES and name in FREE_STAGE_KEYS
 
 
+def _not_started(key: str, workdir: str) -> bool:
+  """True if key belongs to a stage that, like every stage after it, has no checkpoint here.
+
+  The stages after it count because they may have read its result or its settings (a teacher
+  given by teacher.init_checkpoint has no checkpoint of its own, yet stage 1 learnt from it).
+  """
+  stage = key.split(".")[0]
+  if stage not in TRAINING_STAGES:
+    return False
+  return not any(ckpt_lib.saved_steps(workdir, s)
+                 for s in TRAINING_STAGES[TRAINING_STAGES.index(stage):])
+
+
 def _num_steps_change(key: str, old, new, workdir: str) -> str | None:
   """Why changing <stage>.num_steps from old to new breaks the run in workdir; None if fine."""
   stage = key.split(".")[0]
@@ -127,7 +143,7 @@ def check_previous_run(config, workdir: str, overwrite: bool = False) -> bool:
   differences = []
   for key in sorted(stored.keys() & current.keys()):
     old, new = stored[key], current[key]
-    if old == new or _is_free(key):
+    if old == new or _is_free(key) or _not_started(key, workdir):
       continue
     if key.endswith(".num_steps") and key.split(".")[0] in TRAINING_STAGES:
       problem = _num_steps_change(key, old, new, workdir)

@@ -15,6 +15,7 @@ import pytest
 
 from experiments import digits, mjhq_sana
 from hierdistill import config_checks, pipeline
+from hierdistill import workdir as workdir_lib
 from hierdistill.config_checks import ConfigError
 from hierdistill.sources.embedded import load_train_set
 
@@ -278,7 +279,7 @@ def test_workdir_of_a_different_config(tmp_path, data_dir):
   pipeline.Chain(config, workdir, devices=jax.devices()[:1], writer=NullWriter())
   assert os.path.exists(os.path.join(workdir, "config.json"))
   other = config.copy_and_resolve_references()
-  other.teacher.optimizer.lr = 5e-4
+  other.seed = 1
   other.model.depth = 3
   rejects(other, workdir, r"holds a run of a different config \(model\.depth: 2 there, 3 "
           r"here, and 1 more\); .*another --workdir, or pass --overwrite")
@@ -305,6 +306,33 @@ def test_workdir_of_a_different_config(tmp_path, data_dir):
   assert os.path.isdir(tmp_path / moved[0] / "teacher" / "checkpoints" / "9")
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["model"]["depth"] == 3
+
+
+def test_settings_of_a_stage_not_started_may_change(tmp_path, data_dir):
+  """A finished teacher and stage 1 take new stage-2 settings in the same workdir: nothing there
+  was computed with them. A stage that has started, or whose result a later stage has used,
+  keeps its settings, and so do the keys every stage shares."""
+  workdir = str(tmp_path / "run")
+  config = tiny_config(data_dir)
+  pipeline.Chain(config, workdir, devices=jax.devices()[:1], writer=NullWriter())
+  os.makedirs(os.path.join(workdir, "trajectory", "checkpoints", "3"))
+  # No teacher checkpoint: as with teacher.init_checkpoint, stage 1 still learnt from it.
+  stage2 = config.copy_and_resolve_references()
+  stage2.distribution.gen_adv_weight = config.distribution.gen_adv_weight + 0.2
+  stage2.distribution.optimizer.lr = 3e-5
+  stage2.distribution.discriminator.pooling = "mean"
+  assert not workdir_lib.check_previous_run(stage2, workdir)
+  for key, value in (("trajectory.cfg_scale", 2.5), ("teacher.t_mu", 0.3),
+                     ("model.depth", 3), ("seed", 7)):
+    changed = stage2.copy_and_resolve_references()
+    block, _, name = key.rpartition(".")
+    (changed[block] if block else changed)[name] = value
+    with pytest.raises(ConfigError, match=rf"different config \({re.escape(key)}: "):
+      workdir_lib.check_previous_run(changed, workdir)
+  # Once stage 2 has a checkpoint its settings are fixed too.
+  os.makedirs(os.path.join(workdir, "distribution", "checkpoints", "1"))
+  with pytest.raises(ConfigError, match=r"different config \(distribution\.\S+: .*and 2 more\)"):
+    workdir_lib.check_previous_run(stage2, workdir)
 
 
 def test_workdir_that_even_root_cannot_write(tmp_path, data_dir):
