@@ -82,25 +82,39 @@ def is_adversarial(variant: str, seed: int) -> bool:
 
 
 def runs_of(seed: int) -> list[tuple[str, float | None]]:
-  """(variant, adversarial weight or None for the experiment's own) pairs to run on `seed`."""
-  default = default_weight(seed)
+  """(variant, adversarial weight; None for a variant without the term) pairs to run on `seed`.
+
+  An adversarial variant always carries its weight, the experiment's own included, so a run
+  keeps its name and its directory when the experiment's default weight changes.
+  """
   out = []
   for variant in _VARIANTS.value:
     if variant not in hd_table.VARIANTS:
       raise ValueError(f"unknown variant {variant!r}; choose from {list(hd_table.VARIANTS)}")
-    if not is_adversarial(variant, seed) or not _WEIGHTS.value:
+    if not is_adversarial(variant, seed):
       weights = [None]
+    elif not _WEIGHTS.value:
+      weights = [default_weight(seed)]
     elif _WEIGHTS.value == ["best"]:
       weights = [best_weight(variant)]
     else:
       weights = [float(w) for w in _WEIGHTS.value]
-    out += [(variant, None if w is None or w == default else w) for w in weights]
+    out += [(variant, w) for w in weights]
   return out
 
 
-def run_name(variant: str, weight: float | None) -> str:
+def run_name(variant: str, weight: float | None, lever: str | None = None) -> str:
+  """'HD + AWD @ adv 0.1 + <lever>': the variant, its adversarial weight, its lever."""
+  lever = _LEVER.value if lever is None else lever
   name = variant if weight is None else f"{variant} @ adv {weight:g}"
-  return name + (f" + {_LEVER.value}" if _LEVER.value else "")
+  return name + (f" + {lever}" if lever else "")
+
+
+def record_name(record: dict) -> str:
+  """The run_name of a stored points.json, whichever release named it: earlier ones left the
+  weight out at the experiment's default and stored that default for variants without the term."""
+  weight = hd_table.VARIANTS[record["variant"]].get("gen_adv_weight", record["gen_adv_weight"])
+  return run_name(record["variant"], weight if weight > 0 else None, record.get("lever", ""))
 
 
 def experiment_dir() -> str:
@@ -108,10 +122,19 @@ def experiment_dir() -> str:
 
 
 def run_dir(seed: int, variant: str, weight: float | None) -> str:
-  suffix = "" if weight is None else f"_adv{weight:g}"
+  lever = ""
   if _LEVER.value:
-    suffix += "_" + "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in _LEVER.value)
-  return os.path.join(experiment_dir(), f"seed{seed}", hd_table.slug(variant) + suffix)
+    lever = "_" + "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in _LEVER.value)
+  base = os.path.join(experiment_dir(), f"seed{seed}", hd_table.slug(variant))
+  path = base + ("" if weight is None else f"_adv{weight:g}") + lever
+  # Earlier releases kept a run at the experiment's default weight without the suffix; such a
+  # run is found by the weight its own config.json stored.
+  former = base + lever
+  if weight is not None and not os.path.exists(path) and os.path.exists(former):
+    stored = json.load(open(os.path.join(former, "config.json")))["distribution"]
+    if float(stored["gen_adv_weight"]) == weight:
+      return former
+  return path
 
 
 def run_config(seed: int, variant: str, weight: float | None, num_steps: int):
@@ -161,7 +184,8 @@ def train_and_score(seed: int, variant: str, weight, base_dir: str, ev, samplers
   path = os.path.join(vdir, "points.json")
   record = load_points(path)
   record.update(run=run_name(variant, weight), variant=variant, lever=_LEVER.value, seed=seed,
-                gen_adv_weight=weight if weight is not None else default_weight(seed))
+                gen_adv_weight=float(run_config(seed, variant, weight, 0).distribution
+                                     .gen_adv_weight))
   every, total = _EVERY.value, _STEPS.value
   targets = sorted({min(c, total) for c in range(_CHUNK.value, total + _CHUNK.value,
                                                  _CHUNK.value)})
@@ -275,8 +299,9 @@ def collect() -> dict:
       path = os.path.join(root, seed_dir, name, "points.json")
       if os.path.exists(path):
         record = json.load(open(path))
-        if record["points"] and re.search(_ONLY.value, record["run"]):
-          out.setdefault(record["run"], {})[record["seed"]] = record
+        name = record_name(record)
+        if record["points"] and re.search(_ONLY.value, name):
+          out.setdefault(name, {})[record["seed"]] = record
   return out
 
 
