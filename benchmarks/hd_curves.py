@@ -17,6 +17,7 @@ steps). The teacher, shared by every variant, is not counted.
   python benchmarks/hd_curves.py --experiment=digits --seeds=1,2 --weights=best
   python benchmarks/hd_curves.py --experiment=digits --variant=unconditional --seeds=0
   python benchmarks/hd_curves.py --experiment=digits --seeds=0,1,2 --plot_only
+  python benchmarks/hd_curves.py --experiment=digits_text --seeds=0  # + caption agreement
 
 --weights: the adversarial weights (config.distribution.gen_adv_weight) of the variants that have
 the adversarial term; 'best' takes, per variant, the weight whose one-step FD at --steps was the
@@ -27,7 +28,8 @@ Everything resumes: a run trains in chunks of --chunk steps (a killed chunk resu
 checkpoint) and its scored points are kept in points.json beside it, so a rerun trains and
 scores only what is missing. Writes under --out/<experiment>: curves.md (the table), curves.json
 (every point of every seed), PNG plots (FD against stage-2 step and against training cost, two
-steps, recall and class coverage; seeds as bands: mean and min-max), step_cost.json.
+steps, recall and class coverage, and with captions the caption agreement in one and two steps;
+seeds as bands: mean and min-max), step_cost.json.
 'train_s' is a run's stage-2 wall time (the chunks that trained, on the machine as it was).
 """
 import json
@@ -243,12 +245,11 @@ def reference_rows(seed: int, base_dir: str, ev, samplers) -> dict:
 def run_seed(seed: int) -> None:
   from hierdistill import pipeline  # pylint: disable=g-import-not-at-top
   from hierdistill.evaluation import driver  # pylint: disable=g-import-not-at-top
-  from hierdistill.evaluation.embedded import Evaluator  # pylint: disable=g-import-not-at-top
 
   t0 = time.time()
   base_dir, base_times = hd_table.train_base(seed)
   chain = pipeline.Chain(hd_table._config(seed), base_dir)
-  ev = Evaluator(chain)
+  ev = chain.source.make_scorer(chain)  # the launch eval's scorer (captions: agreement too)
   # One sampler a step count, so that each compiles once for every point.
   samplers = {int(n): driver.student_sampler(chain, int(n)) for n in _NFE.value}
   reference_rows(seed, base_dir, ev, samplers)
@@ -281,8 +282,9 @@ def step_costs(runs: dict, seed: int) -> dict:
       config = hd_table._apply(hd_table._config(seed), hd_table.VARIANTS[r["variant"]])
       if r.get("lever"):
         config = hd_table._apply(config, levers.overrides_of(r["lever"]))
-      shape = sources.source_class(config.data.name).example_shape(config)
-      costs[key] = step_cost.forwards_per_step(config, pipeline.Networks(config), shape)
+      source = sources.source_class(config.data.name)
+      nets = pipeline.Networks(config, source.condition_kind(config))  # labels or captions
+      costs[key] = step_cost.forwards_per_step(config, nets, source.example_shape(config))
       print(f"[hd_curves] step cost, {key}: {costs[key]} forwards", flush=True)
     save_json(costs, path)
   return costs
@@ -333,6 +335,12 @@ def best_weight(variant: str) -> float:
   return best
 
 
+def _captioned(runs: dict) -> bool:
+  """Whether the runs were scored with captions (digits_text): caption agreement is read too."""
+  return any("caption_agreement" in p for by_seed in runs.values() for r in by_seed.values()
+             for p in r["points"])
+
+
 def summarise(runs: dict, costs: dict, references: dict) -> str:
   """The table: per run, mean +- std over seeds at chosen steps, and the first step at which
   the one-step FD reaches the FD of its own seed's teacher (N steps)."""
@@ -340,8 +348,9 @@ def summarise(runs: dict, costs: dict, references: dict) -> str:
   teacher = np.mean([r["teacher"][fd] for r in references.values()]) if references else math.nan
   marks = sorted({s for s in (100, 400, 800, _STEPS.value) if s <= _STEPS.value})
   head = ([f"{fd} 1 step @ {s}" for s in marks] + [f"{fd} 2 steps @ {_STEPS.value}",
-          f"recall @ {_STEPS.value}", f"class_tv @ {_STEPS.value}",
-          f"first step <= its seed's teacher (mean {teacher:.2f})", "stage-2 fwd/step", "seeds",
+          f"recall @ {_STEPS.value}", f"class_tv @ {_STEPS.value}"]
+          + [f"caption agreement 1 / 2 steps @ {_STEPS.value}"] * _captioned(runs)
+          + [f"first step <= its seed's teacher (mean {teacher:.2f})", "stage-2 fwd/step", "seeds",
           "train_s"])
   lines = ["| run | " + " | ".join(head) + " |", "|---" + "|---:" * len(head) + "|"]
 
@@ -359,6 +368,8 @@ def summarise(runs: dict, costs: dict, references: dict) -> str:
     cells = [at(records, fd, 1, s) for s in marks]
     cells += [at(records, fd, 2, _STEPS.value), at(records, "recall", 1, _STEPS.value),
               at(records, "class_tv", 1, _STEPS.value)]
+    if _captioned(runs):
+      cells.append(" / ".join(at(records, "caption_agreement", n, _STEPS.value) for n in (1, 2)))
     firsts = []
     for r in records:
       steps, values = curve(r, fd, 1)
@@ -415,6 +426,9 @@ def plot(runs: dict, costs: dict, references: dict, out_dir: str) -> list[str]:
   figures = [("fd", fd, 1, f"{fd}, one step"), ("fd_two_steps", fd, 2, f"{fd}, two steps"),
              ("recall", "recall", 1, "recall, one step"),
              ("class_tv", "class_tv", 1, "class histogram's distance to the data's (TV)")]
+  if _captioned(runs):
+    figures += [("caption", "caption_agreement", 1, "caption agreement, one step"),
+                ("caption_two_steps", "caption_agreement", 2, "caption agreement, two steps")]
   for slug, metric, nfe, title in figures:
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for run, by_seed in runs.items():

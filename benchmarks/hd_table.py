@@ -40,7 +40,8 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 import numpy as np  # noqa: E402
 
-_EXPERIMENT = flags.DEFINE_enum("experiment", "digits", ["digits", "fashion", "toy2d"],
+_EXPERIMENT = flags.DEFINE_enum("experiment", "digits",
+                                ["digits", "digits_text", "fashion", "toy2d"],
                                 "Which experiment (experiments/<name>.py).")
 _VARIANT = flags.DEFINE_string("variant", "", "The experiment's variant (the arg after the "
                                "colon of --config), e.g. 'long'; '' = its default.")
@@ -64,6 +65,9 @@ VARIANTS = {
 METRICS = {
     "digits": ("FD-digits", "precision", "recall", "class_accuracy", "class_coverage",
                "class_tv"),
+    # The class is the digit the caption names; caption agreement: both words measured as asked.
+    "digits_text": ("FD-digits", "precision", "recall", "class_accuracy", "caption_agreement",
+                    "stroke_agreement", "slant_agreement", "class_tv"),
     # FD-fashion: the Frechet distance in Fashion-MNIST's own classifier's features (not FID).
     "fashion": ("FD-fashion", "precision", "recall", "class_accuracy", "class_coverage",
                 "class_tv"),
@@ -75,6 +79,8 @@ METRICS = {
 def _config(seed: int):
   if _EXPERIMENT.value == "digits":
     from experiments import digits as exp  # pylint: disable=g-import-not-at-top
+  elif _EXPERIMENT.value == "digits_text":
+    from experiments import digits_text as exp  # pylint: disable=g-import-not-at-top
   elif _EXPERIMENT.value == "fashion":
     from experiments import fashion as exp  # pylint: disable=g-import-not-at-top
   else:
@@ -141,7 +147,6 @@ def copy_base(base_dir: str, vdir: str) -> None:
 
 def run_seed(seed: int, out_dir: str) -> list[dict]:
   from hierdistill import awd_view, pipeline  # pylint: disable=g-import-not-at-top
-  from hierdistill.evaluation.embedded import Evaluator  # pylint: disable=g-import-not-at-top
 
   root = os.path.join(_WORKDIR.value, _experiment_name(), f"seed{seed}")
   base_dir, base_times = train_base(seed)
@@ -153,7 +158,7 @@ def run_seed(seed: int, out_dir: str) -> list[dict]:
                                         ("distribution",)).get("distribution", float("nan")))
 
   chain = pipeline.Chain(_config(seed), base_dir)
-  ev = Evaluator(chain)
+  ev = chain.source.make_scorer(chain)  # the launch eval's scorer (captions: agreement too)
   teacher = chain.load_export("teacher")
   n = int(chain.config.sample.teacher_steps)
   rows = []
@@ -169,8 +174,8 @@ def run_seed(seed: int, out_dir: str) -> list[dict]:
         name = f"{name} {steps}"
       grid_paths[row["model"]] = os.path.join(out_dir,
                                               f"{_EXPERIMENT.value}_{slug(name)}.png")
-      chain.source.save_grid(ev.last_samples[:int(chain.config.sample.grid_size)],
-                             grid_paths[row["model"]])
+      ev.save_grid(ev.last_samples[:int(chain.config.sample.grid_size)],
+                   grid_paths[row["model"]])
 
   add(ev.teacher(teacher, n), base_times.get("teacher", float("nan")))
   add(ev.teacher(teacher, 1, name="teacher (1 step)"), base_times.get("teacher", float("nan")))

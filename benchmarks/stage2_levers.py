@@ -46,14 +46,13 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_threefry_partitionable", True)
   from hierdistill import pipeline  # pylint: disable=g-import-not-at-top
-  from hierdistill.evaluation.embedded import Evaluator  # pylint: disable=g-import-not-at-top
 
   seed, steps = _SEED.value, [int(s) for s in _STEPS.value]
   root = os.path.join(_OUT.value, hd_table._EXPERIMENT.value, f"seed{seed}")
   base_dir = os.path.join(root, "base")
   hd_table._train(hd_table._config(seed), base_dir, ("teacher", "trajectory"))
   chain = pipeline.Chain(hd_table._config(seed), base_dir)
-  ev = Evaluator(chain)
+  ev = chain.source.make_scorer(chain)  # the launch eval's scorer (captions: agreement too)
   json_path = os.path.join(root, "levers.json")
   rows = json.load(open(json_path)) if os.path.exists(json_path) else []
   done = {(r["lever"], r["steps"]) for r in rows}

@@ -19,6 +19,10 @@ stage 2 left the other intervals of the flow map where stage 1 put them. Writes
 <out>/<experiment>/seed<S>/two_step.json and .md (two_step_<lever>.* with --lever).
 
   python benchmarks/two_step.py --experiment=digits --seed=0 --step=1200
+  python benchmarks/two_step.py --experiment=digits_text --seed=0 --step=1200  # + captions
+
+With captions (digits_text) each path's caption agreement is read too: whether the second jump
+keeps the words asked for.
 """
 import json
 import os
@@ -81,7 +85,10 @@ def meanflow_residuals(chain, params, intervals, n: int = 512) -> dict:
   from hierdistill.stages.trajectory import TrajectoryStage  # pylint: disable=g-import-not-at-top
   stage = TrajectoryStage(chain.config, chain.nets.student, chain.nets.teacher,
                           chain.nets.conditions)
-  x, c = jnp.asarray(chain.source.x[:n], jnp.float32), jnp.asarray(chain.source.y[:n])
+  # The conditions the stages train with: the captions' encodings for text, else the labels.
+  conditions = getattr(chain.source, "encoded", chain.source.y)
+  x = jnp.asarray(chain.source.x[:n], jnp.float32)
+  c = jax.tree.map(lambda a: jnp.asarray(a[:n]), conditions)
   noise = jax.random.normal(jax.random.PRNGKey(20261206), x.shape)
   out = {}
   for r, t in intervals:
@@ -98,12 +105,11 @@ def main(argv):
   jax.config.update("jax_threefry_partitionable", True)
   from hierdistill import pipeline  # pylint: disable=g-import-not-at-top
   from hierdistill.evaluation import driver  # pylint: disable=g-import-not-at-top
-  from hierdistill.evaluation.embedded import Evaluator  # pylint: disable=g-import-not-at-top
 
   seed, step = _SEED.value, _STEP.value
   base_dir, _ = hd_table.train_base(seed)
   chain = pipeline.Chain(hd_table._config(seed), base_dir)
-  ev = Evaluator(chain)
+  ev = chain.source.make_scorer(chain)  # the launch eval's scorer (captions: agreement too)
   fns = samplers(chain, [float(m) for m in _MIDS.value])
   models = {"TD only (stage 1)": chain.load_export("trajectory")}
   abstract, shardings = chain.exported_shapes("distribution")
@@ -126,8 +132,10 @@ def main(argv):
       row = driver.measure_row(ev, f"{model}: {path}", nfe, fn, params)[0]
       row.update(model_name=model, path=path)
       rows.append(row)
+      words = (f" caption_agreement {row['caption_agreement']:.3f}"
+               if "caption_agreement" in row else "")
       print(f"[two_step] {model}: {path}: {fd} {row[fd]:.3f} precision {row['precision']:.3f} "
-            f"recall {row['recall']:.3f}", flush=True)
+            f"recall {row['recall']:.3f}{words}", flush=True)
   out_dir = os.path.join(hd_curves.experiment_dir(), f"seed{seed}")
   os.makedirs(out_dir, exist_ok=True)
   # --lever reads that lever's runs: their own files, beside the plain runs'.
@@ -141,6 +149,14 @@ def main(argv):
     cells = [f"{r[fd]:.2f}" for p in paths for r in rows
              if r["model_name"] == model and r["path"] == p]
     lines.append(f"| {model} | " + " | ".join(cells) + " |")
+  if "caption_agreement" in rows[0]:  # text: whether each path keeps the words asked for
+    lines += ["", "Caption agreement (stroke / slant alone) by sampling path", "",
+              "| model | " + " | ".join(paths) + " |", "|---" + "|---:" * len(paths) + "|"]
+    for model in models:
+      cells = [f"{r['caption_agreement']:.3f} ({r['stroke_agreement']:.2f} / "
+               f"{r['slant_agreement']:.2f})" for p in paths for r in rows
+               if r["model_name"] == model and r["path"] == p]
+      lines.append(f"| {model} | " + " | ".join(cells) + " |")
   keys = list(next(iter(residuals.values())))
   lines += ["", "MeanFlow residual (per element) by interval (r, t)", "",
             "| model | " + " | ".join(keys) + " |", "|---" + "|---:" * len(keys) + "|"]
