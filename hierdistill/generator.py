@@ -178,22 +178,34 @@ class Generator:
   # -- sampling ----------------------------------------------------------------------------------
 
   def __call__(self, key: jax.Array, labels_or_prompts, num_steps: Optional[int] = None, *,
-               cfg_scale: Optional[float] = None) -> np.ndarray:
+               cfg_scale: Optional[float] = None,
+               times: Optional[Sequence[float]] = None) -> np.ndarray:
     """Samples, one per label or prompt, as host float32 (see the module docstring).
 
     num_steps: 1 by default for a student; the run's sample.teacher_steps for a teacher.
     cfg_scale: a teacher's guidance (default the run's sample.cfg_scale); a student was
     distilled from the guided teacher and takes none.
+    times: a student's time grid from 1 down to 0 instead of the uniform one, e.g. (1, 0.75, 0)
+    for two jumps through t = 0.75 (sampling.flow_map_sample); its steps are len(times) - 1.
     """
     c = self.conditions_of(labels_or_prompts)
     b = cond_lib.batch_size_of(c)
+    if times is not None:
+      if self.role != "student":
+        raise ValueError("times is a student's (flow map's) time grid; a teacher takes "
+                         "num_steps: drop times (or load the student).")
+      times = sampling.check_times(times)
+      if num_steps is not None and num_steps != len(times) - 1:
+        raise ValueError(f"num_steps={num_steps} and times={times} ({len(times) - 1} steps) "
+                         "disagree; give one of them.")
+      num_steps = len(times) - 1
     if num_steps is None:
       num_steps = 1 if self.role == "student" else int(self.sample_config["teacher_steps"])
     if self.role == "student" and cfg_scale is not None:
       raise ValueError("a student takes no cfg_scale: its guidance was distilled into it; "
                        "drop cfg_scale (or load the teacher: stage='teacher').")
     cfg = float(self.sample_config.get("cfg_scale", 1.0) if cfg_scale is None else cfg_scale)
-    program = self._program(_check_steps(num_steps), cfg)
+    program = self._program(_check_steps(num_steps), cfg, times)
     noise = np.asarray(jax.random.normal(key, (b,) + self.shape, jnp.float32))
     padded = shard_lib.padded_batch_size(b, self.mesh)
     rows = np.resize(np.arange(b), padded)  # padding repeats rows; trimmed below
@@ -204,10 +216,10 @@ class Generator:
     out = program(self.params, decoder_params, noise, c)
     return np.asarray(jax.device_get(out))[:b]
 
-  def _program(self, num_steps: int, cfg_scale: float):
+  def _program(self, num_steps: int, cfg_scale: float, times: Optional[tuple] = None):
     """The jitted sampler (and decoder) for these settings; jax caches it per batch shape."""
-    if (num_steps, cfg_scale) in self._programs:
-      return self._programs[(num_steps, cfg_scale)]
+    if (num_steps, cfg_scale, times) in self._programs:
+      return self._programs[(num_steps, cfg_scale, times)]
     model, conditions, role = self.model, self.conditions, self.role
     sample_block = ml_collections.ConfigDict(
         {"sample": dict(self.sample_config, cfg_scale=cfg_scale)})
@@ -217,7 +229,7 @@ class Generator:
     def program(params, decoder_params, noise, c):
       if role == "student":
         u_fn = lambda z, r, t: sampling.apply_model(model, params, z, r, t, c)
-        x = sampling.flow_map_sample(u_fn, noise, num_steps=num_steps)
+        x = sampling.flow_map_sample(u_fn, noise, num_steps=num_steps, times=times)
       else:
         x = sampling.sample_teacher_from_config(sample_block, model, conditions, params, noise,
                                                 c, num_steps=num_steps)
@@ -231,7 +243,7 @@ class Generator:
 
     rep = shard_lib.replicated(self.mesh)
     fn = shard_lib.under_mesh(jax.jit(program, out_shardings=rep), self.mesh)
-    self._programs[(num_steps, cfg_scale)] = fn
+    self._programs[(num_steps, cfg_scale, times)] = fn
     return fn
 
   def nfe(self, num_steps: Optional[int] = None, cfg_scale: Optional[float] = None) -> int:

@@ -308,12 +308,17 @@ def teacher_nfe(num_steps: int, method: str = "euler", cfg_scale: float = 1.0) -
 
 
 def flow_map_sample(u_fn: MeanVelocityFn, noise: Array, num_steps: int = 1, *,
-                    t_start: float = 1.0, t_end: float = 0.0) -> Array:
+                    t_start: float = 1.0, t_end: float = 0.0,
+                    times: Optional[Sequence[float]] = None) -> Array:
   """The MeanFlow student's sampler: jumps along the flow map with the mean velocity.
 
   z_r = z_t - (t - r) u(z_t, r, t) on a uniform grid of `num_steps` intervals; with the default
   one step this is x = e - u(e, 0, 1). With an exact mean velocity every step is exact, so the
   result does not depend on num_steps; with a learned one, more steps trade compute for quality.
+  times: the grid itself instead (t_start, ..., t_end, decreasing; check_times), e.g.
+  (1, 0.75, 0): two jumps through t = 0.75, for a student whose short intervals near the data
+  are better kept than those near the noise (benchmarks/README.md, two_step.py); num_steps is
+  then len(times) - 1 (leave it at its default, or give that).
   u_fn(z, r, t) -> u with z: (B, ...), r, t: (B,) (a conditional student closes over its labels);
   noise: (B, ...). Returns x: (B, ...) float32. One network pass per step.
   """
@@ -321,7 +326,31 @@ def flow_map_sample(u_fn: MeanVelocityFn, noise: Array, num_steps: int = 1, *,
   def step(z, t, r):
     return z - _per_sample(t - r, z) * _eval(u_fn, z, r, t)
 
-  return _integrate(step, noise, num_steps, t_start, t_end)
+  if times is None:
+    return _integrate(step, noise, num_steps, t_start, t_end)
+  grid = check_times(times)
+  if num_steps not in (1, len(grid) - 1):  # 1: the default, left as it was
+    raise ValueError(f"num_steps={num_steps} and times={grid} ({len(grid) - 1} steps) disagree; "
+                     "give one of them.")
+  z = _state(noise)
+  for t, r in zip(grid[:-1], grid[1:]):  # a few jumps: unrolled, each its own (r, t)
+    z = step(z, jnp.full((z.shape[0],), t, z.dtype), jnp.full((z.shape[0],), r, z.dtype))
+  return z
+
+
+def check_times(times: Sequence[float]) -> tuple[float, ...]:
+  """A flow-map sampler's time grid as floats: from 1 (the noise) down to 0 (the data), strictly
+  decreasing, e.g. (1, 0.75, 0); ValueError naming what is wrong otherwise."""
+  try:
+    grid = tuple(float(t) for t in times)
+  except (TypeError, ValueError):
+    raise ValueError(f"times={times!r}: give numbers from 1 down to 0, e.g. 1,0.75,0.") from None
+  if len(grid) < 2 or grid[0] != 1.0 or grid[-1] != 0.0:
+    raise ValueError(f"times={grid}: a grid starts at 1 (the noise) and ends at 0 (the data), "
+                     "e.g. 1,0.75,0.")
+  if any(a <= b for a, b in zip(grid[:-1], grid[1:])):
+    raise ValueError(f"times={grid}: the times must decrease strictly, e.g. 1,0.75,0.")
+  return grid
 
 
 # -- a network and its params as the callables above ---------------------------------------------

@@ -8,6 +8,8 @@ Flags:
   --labels=3,7      class labels (default: every class in turn)
   --prompt=TEXT     a text model's prompt (repeatable); --prompts_file=FILE: one a line
   --steps=N         sampling steps (default 1 for a student, the run's teacher_steps for a teacher)
+  --times=1,0.75,0  a student's time grid from 1 down to 0 instead of the uniform one (here two
+                    steps through t = 0.75); the steps are its length less one
   --cfg_scale=W     a teacher's guidance (default the run's)
   --seed=S          the seed of the noise: the same seed, flags and batch size give the same samples
   --out=FILE        .png (a grid) or .npz (samples, labels or prompts, seed); FILE.json records
@@ -34,6 +36,8 @@ flags.DEFINE_list("labels", None, "Class labels, cycled to --num (default every 
 flags.DEFINE_multi_string("prompt", None, "A prompt of a text model; repeat for several.")
 flags.DEFINE_string("prompts_file", None, "A file of prompts, one a line.")
 flags.DEFINE_integer("steps", None, "Sampling steps (default 1 for a student).")
+flags.DEFINE_list("times", None, "A student's time grid, from 1 down to 0 (e.g. 1,0.75,0: two "
+                  "steps through t = 0.75); default the uniform grid of --steps.")
 flags.DEFINE_float("cfg_scale", None, "A teacher's guidance scale (default the run's).")
 flags.DEFINE_integer("seed", 0, "Seed of the noise.")
 flags.DEFINE_integer("batch_size", 256, "Samples a program call (progress is shown per batch).")
@@ -94,6 +98,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from hierdistill import export  # pylint: disable=g-import-not-at-top
+  from hierdistill import sampling  # pylint: disable=g-import-not-at-top
   from hierdistill.config_checks import ConfigError  # pylint: disable=g-import-not-at-top
   from hierdistill.generator import Generator  # pylint: disable=g-import-not-at-top
   from hierdistill.stages.loop import format_duration  # pylint: disable=g-import-not-at-top
@@ -106,6 +111,12 @@ def main(argv):
                    flag="--out")
   except ConfigError as e:
     _fail(str(e))
+  times = None
+  if FLAGS.times:
+    try:
+      times = sampling.check_times(FLAGS.times)
+    except ValueError as e:
+      _fail(f"--{e}")
   try:
     gen = Generator.load(source, FLAGS.stage)
     asked = _asked(gen, FLAGS.num)
@@ -116,7 +127,7 @@ def main(argv):
       chunk = asked[start:start + FLAGS.batch_size]
       # Batch `start` draws from fold_in(seed, start): the seed fixes every sample.
       parts.append(gen(jax.random.fold_in(key, start), chunk, FLAGS.steps,
-                       cfg_scale=FLAGS.cfg_scale))
+                       cfg_scale=FLAGS.cfg_scale, times=times))
       done = start + len(chunk)
       if len(asked) > FLAGS.batch_size:
         rate = done / (time.time() - t0)
@@ -125,11 +136,12 @@ def main(argv):
   except (ConfigError, ValueError) as e:
     _fail(str(e).splitlines()[0])
   samples = np.concatenate(parts)
+  steps = len(times) - 1 if times else FLAGS.steps
   record = {"from": os.path.abspath(source), "stage": gen.info.get("stage"),
-            "role": gen.role, "seed": FLAGS.seed, "num": len(asked), "steps": FLAGS.steps or
+            "role": gen.role, "seed": FLAGS.seed, "num": len(asked), "steps": steps or
             (1 if gen.role == "student" else gen.sample_config.get("teacher_steps")),
-            "cfg_scale": FLAGS.cfg_scale, "batch_size": FLAGS.batch_size, "asked": asked,
-            "nfe": gen.nfe(FLAGS.steps, FLAGS.cfg_scale), "out": os.path.abspath(out),
+            "times": times, "cfg_scale": FLAGS.cfg_scale, "batch_size": FLAGS.batch_size,
+            "asked": asked, "nfe": gen.nfe(steps, FLAGS.cfg_scale), "out": os.path.abspath(out),
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
   try:  # the folder was writable a moment ago; a full disk still fails here, in one line
     export.save_samples(samples, out, gen, asked)

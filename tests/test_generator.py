@@ -2,6 +2,7 @@
 equation, the teacher through the same API, compile once a batch size, any device count, the
 export's published key layout read back by the importer, damaged exports, text prompts, and
 launch/sample.py and launch/export.py."""
+import copy
 import json
 import os
 import shutil
@@ -96,6 +97,32 @@ def test_same_key_same_images_and_one_compile_per_batch_size(gen):
   assert not np.array_equal(a, gen(jax.random.PRNGKey(12), [1, 2, 3]))
   gen(key, [1, 2, 3, 4, 5])
   assert len(_compiles) > n  # a new batch size is a new program
+
+
+def test_a_time_grid_is_the_jumps_it_names(gen):
+  """times=(1, 0.75, 0): z = e - 0.25 u(e, 0.75, 1), x = z - 0.75 u(z, 0, 0.75); the uniform
+  grid named as times is num_steps=2; a grid that cannot be sampled is one line."""
+  # The tiny run's few steps leave u nearly blind to (r, t) (zero-initialised modulation):
+  # its weights are moved so that the grid shows in the images.
+  leaves, tree = jax.tree.flatten(gen.params)
+  keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
+  gen = copy.copy(gen)
+  gen.params = jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(k, p.shape, p.dtype)
+                                         for p, k in zip(leaves, keys)])
+  gen._programs = {}  # pylint: disable=protected-access
+  key, labels = jax.random.PRNGKey(5), [3, 7]
+  e, c, one = jax.random.normal(key, (2, 8, 8, 1)), jnp.asarray(labels), jnp.ones((2,))
+  u = lambda z, r, t: common.apply_model(gen.model, gen.params, z, r * one, t * one, c)
+  z = e - 0.25 * u(e, 0.75, 1.0)
+  images = gen(key, labels, times=(1, 0.75, 0))
+  np.testing.assert_allclose(images, np.clip(z - 0.75 * u(z, 0.0, 0.75), -1, 1), atol=1e-5)
+  uniform = gen(key, labels, 2)
+  np.testing.assert_allclose(gen(key, labels, times=[1, 0.5, 0]), uniform, atol=1e-6)
+  assert np.abs(images - uniform).max() > 1e-4  # the grid is not ignored
+  with pytest.raises(ValueError, match="disagree"):
+    gen(key, labels, 3, times=(1, 0.5, 0))
+  with pytest.raises(ValueError, match="decrease strictly"):
+    gen(key, labels, times=(1, 0.2, 0.6, 0))
 
 
 def test_teacher_through_the_same_api(run):
@@ -354,6 +381,15 @@ def test_sample_command_records_the_seed_and_repeats(run, tmp_path):
   np.testing.assert_array_equal(outs[0]["labels"], [3, 7, 3, 7, 3, 7])
   record = json.load(open(str(tmp_path / "a.npz") + ".json"))
   assert record["seed"] == 4 and record["stage"] == "distribution" and record["nfe"] == 1
+  # A student's time grid: two jumps through t = 0.75, recorded.
+  res = _launch("sample.py", f"--from={run[0]}", "--num=2", "--times=1,0.75,0",
+                f"--out={tmp_path / 'd.npz'}")
+  assert res.returncode == 0, res.stderr[-2000:]
+  record = json.load(open(str(tmp_path / "d.npz") + ".json"))
+  assert record["times"] == [1.0, 0.75, 0.0] and record["steps"] == 2 and record["nfe"] == 2
+  bad = _launch("sample.py", f"--from={run[0]}", "--times=1,0.5", f"--out={tmp_path / 'e.png'}")
+  assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
+  assert "ends at 0 (the data)" in bad.stderr
   bad = _launch("sample.py", f"--from={run[0]}", "--labels=3,12", f"--out={tmp_path / 'c.png'}")
   assert bad.returncode == 2
   assert bad.stderr.strip().splitlines() == [

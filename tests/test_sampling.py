@@ -156,6 +156,32 @@ def test_flow_map_steps_ask_for_adjacent_intervals(noise):
   np.testing.assert_allclose(seen, [(0.75, 1.0), (0.5, 0.75), (0.25, 0.5), (0.0, 0.25)])
 
 
+def test_flow_map_on_a_time_grid_jumps_where_it_says(noise):
+  """times=(1, 0.75, 0.2, 0): the intervals asked are exactly the grid's, the exact u is still
+  exact on it, and a grid that does not run from 1 down to 0 is refused by name."""
+  seen = []
+
+  def u_fn(z, r, t):
+    seen.append((float(r[0]), float(t[0])))
+    return jnp.zeros_like(z)
+
+  with jax.disable_jit():
+    sampling.flow_map_sample(u_fn, noise, times=(1, 0.75, 0.2, 0))
+  np.testing.assert_allclose(seen, [(0.75, 1.0), (0.2, 0.75), (0.0, 0.2)])
+  x = sampling.flow_map_sample(gaussian_mean_velocity, noise, times=[1.0, 0.9, 0.0])
+  np.testing.assert_allclose(x, exact_map(noise), rtol=1e-5, atol=1e-5)
+  # The uniform grid named as times is the num_steps sampler.
+  wrong_u = lambda z, r, t: gaussian_velocity(z, t)
+  np.testing.assert_allclose(sampling.flow_map_sample(wrong_u, noise, times=(1, 0.5, 0)),
+                             sampling.flow_map_sample(wrong_u, noise, 2), atol=1e-6)
+  for bad, words in [((1, 0.5), "ends at 0"), ((0.9, 0), "starts at 1"), ((1,), "starts at 1"),
+                     ((1, 0.3, 0.5, 0), "decrease strictly"), (("1", "x", "0"), "give numbers")]:
+    with pytest.raises(ValueError, match=words):
+      sampling.flow_map_sample(u_fn, noise, times=bad)
+  with pytest.raises(ValueError, match="disagree"):
+    sampling.flow_map_sample(u_fn, noise, 3, times=(1, 0.5, 0))
+
+
 def test_flow_map_with_a_wrong_u_depends_on_steps(noise):
   # The instantaneous velocity used as if it were the mean velocity is only exact in the limit,
   # so the result moves with num_steps (guards against a sampler that ignores num_steps).
