@@ -25,6 +25,9 @@ LEVERS = {
     # for a share of the rows: the path the uniform two-step sampler reads.
     "two-step rows 0.25": {"two_step_fraction": 0.25},
     "two-step rows 0.5": {"two_step_fraction": 0.5},
+    # The same with the intermediate time drawn per row from [0.25, 0.75]: a schedule of the
+    # two-step path rather than one trained m.
+    "two-step rows 0.5, t_mid drawn": {"two_step_fraction": 0.5, "two_step_mid_spread": 0.25},
     # The same on DMD2's re-noised path: the one-step sample noised back to m, then u(z_m, 0, m).
     "re-noised two-step rows 0.5": {"two_step_fraction": 0.5, "two_step_path": "renoised"},
     "teacher features": {"discriminator.features": "teacher"},

@@ -108,8 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
       regulariser_weight=0.0,  # weight of the stage-1 MeanFlow loss kept in stage 2
       # Share of generator rows drawn by a two-step path through t_mid (0: one step only, the
       # paper's stage 2): the flow map's own ('flow') or DMD2's re-noised one ('renoised');
-      # see DistributionStage.generate.
-      two_step_fraction=0.0, two_step_mid=0.5, two_step_path="flow",
+      # see DistributionStage.generate. two_step_mid_spread > 0 draws each row's t_mid from
+      # [mid - spread, mid + spread] (a schedule of the path) instead of fixing it.
+      two_step_fraction=0.0, two_step_mid=0.5, two_step_mid_spread=0.0, two_step_path="flow",
       cfg_scale=1.5, cfg_interval=config_dict.placeholder(tuple),  # real score's guidance
       dmd_t_min=0.02, dmd_t_max=0.98,  # [DMD2] noise levels of the DMD gradient
       disc_t_min=0.02, disc_t_max=0.98,

@@ -117,6 +117,11 @@ def validate_config(config) -> None:
   if not is_number(mid) or not 0 < mid < 1:
     raise ConfigError(f"config.distribution.two_step_mid={mid!r}; give the two-step path's "
                       "intermediate time, a number strictly between 0 and 1.")
+  spread = dist.get("two_step_mid_spread", 0.0)  # mid is a number in (0, 1) by now
+  if not is_number(spread) or not 0 <= spread < min(mid, 1 - mid):
+    raise ConfigError(f"config.distribution.two_step_mid_spread={spread!r}; give a number >= 0 "
+                      f"and below min(two_step_mid, 1 - two_step_mid) = {min(mid, 1 - mid):g}, "
+                      "so that every drawn intermediate time lies strictly between 0 and 1.")
   if dist.get("two_step_path", "flow") not in TWO_STEP_PATHS:
     raise ConfigError(f"config.distribution.two_step_path={dist.two_step_path!r}; choose from "
                       f"{TWO_STEP_PATHS}.")

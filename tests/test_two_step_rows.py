@@ -80,6 +80,23 @@ def test_two_step_rows_are_drawn_at_the_configured_share():
   assert _stage_and_params(config)[0].two_step_draws(jax.random.PRNGKey(3), x) == {}
 
 
+def test_a_spread_draws_each_rows_intermediate_time():
+  """two_step_mid_spread = s: the two-step rows' m spread uniformly over [mid - s, mid + s],
+  the same rows picked as with a fixed m, the one-step rows still 0."""
+  config = tiny()
+  config.distribution.update(two_step_fraction=0.5, two_step_mid=0.5)
+  x = jnp.zeros((4000, 8, 8, 1))
+  fixed = np.asarray(_stage_and_params(config)[0].two_step_draws(jax.random.PRNGKey(3), x)
+                     ["t_mid"])
+  config.distribution.two_step_mid_spread = 0.25
+  drawn = np.asarray(_stage_and_params(config)[0].two_step_draws(jax.random.PRNGKey(3), x)
+                     ["t_mid"])
+  np.testing.assert_array_equal(drawn > 0, fixed > 0)
+  m = drawn[drawn > 0]
+  assert 0.25 <= m.min() < 0.27 and 0.73 < m.max() <= 0.75
+  assert abs(m.mean() - 0.5) < 0.01 and abs(np.mean(m < 0.375) - 0.25) < 0.03
+
+
 def test_two_step_rows_change_the_step_only_when_on():
   plain = one_step(tiny(class_dropout_prob=0.0), "distribution")
   config = tiny(class_dropout_prob=0.0)
@@ -103,7 +120,9 @@ def test_two_step_rows_change_the_step_only_when_on():
 
 @pytest.mark.parametrize("key, value", [("two_step_fraction", 1.5), ("two_step_fraction", -0.1),
                                         ("two_step_mid", 1.0), ("two_step_mid", 0.0),
-                                        ("two_step_path", "uniform")])
+                                        ("two_step_path", "uniform"),
+                                        ("two_step_mid_spread", 0.5),
+                                        ("two_step_mid_spread", -0.1)])
 def test_bad_two_step_settings_are_named(key, value):
   config = tiny()
   config.distribution[key] = value

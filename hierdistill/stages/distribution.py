@@ -93,7 +93,9 @@ class DistributionStage:
   def two_step_draws(self, key, x) -> dict:
     """The draws of generate's two-step rows: t_mid (B,), config.two_step_mid for each row
     drawn with probability config.two_step_fraction, else 0 (one step), and for the re-noised
-    path its fresh noise; {} when the lever is off. Stage 2 trains u(e, 0, 1) only, and the
+    path its fresh noise; {} when the lever is off. With config.two_step_mid_spread = s > 0 each
+    two-step row's m is drawn uniformly from [mid - s, mid + s] instead: a schedule of the
+    path, so that no single intermediate time is the only one trained. Stage 2 trains u(e, 0, 1) only, and the
     intervals two-step sampling reads drift with the shared weights (benchmarks/README,
     two_step.py): these rows put DMD and the adversarial term on a two-step path too, and the
     fake network and the head learn from both kinds of sample."""
@@ -102,7 +104,12 @@ class DistributionStage:
       return {}
     # Keys of their own (fold_in, not one more split) keep every other draw as it was.
     picked = jax.random.uniform(jax.random.fold_in(key, 2), (x.shape[0],)) < fraction
-    draws = {"t_mid": jnp.where(picked, jnp.float32(self.cfg.two_step_mid), jnp.float32(0.0))}
+    mid = jnp.float32(self.cfg.two_step_mid)
+    spread = float(self.cfg.get("two_step_mid_spread", 0.0))
+    if spread > 0:  # a key of its own again: the fixed-m draws stay as they were
+      mid = mid + jax.random.uniform(jax.random.fold_in(key, 4), (x.shape[0],), jnp.float32,
+                                     -spread, spread)
+    draws = {"t_mid": jnp.where(picked, mid, jnp.float32(0.0))}
     if self.cfg.get("two_step_path", "flow") == "renoised":
       draws["renoise"] = jax.random.normal(jax.random.fold_in(key, 3), x.shape)
     return draws
