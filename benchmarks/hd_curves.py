@@ -408,12 +408,19 @@ def plot(runs: dict, costs: dict, references: dict, out_dir: str) -> list[str]:
   paths = []
 
   def band(ax, xs, ys, label):
-    n = min(len(y) for y in ys)
-    x, y = xs[0][:n], np.stack([y[:n] for y in ys])
-    line, = ax.plot(x, y.mean(0), marker=".", label=f"{label} ({len(ys)} seed"
-                    f"{'s' if len(ys) > 1 else ''})")
+    """The mean over seeds and its min-max band; past the end of a shorter seed (a sweep run to
+    fewer steps) the seeds that go on, so no seed's later points are cut."""
+    n = max(len(y) for y in ys)
+    x = next(x for x in xs if len(x) == n)
+    at = [np.array([y[i] for y in ys if len(y) > i]) for i in range(n)]
+    mean = np.array([a.mean() for a in at])
+    seeds = f"{len(ys)} seed{'s' if len(ys) > 1 else ''}"
+    if min(len(y) for y in ys) < n:
+      seeds += f", {min(len(a) for a in at)} to the end"
+    line, = ax.plot(x, mean, marker=".", label=f"{label} ({seeds})")
     if len(ys) > 1:
-      ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
+      ax.fill_between(x, [a.min() for a in at], [a.max() for a in at], color=line.get_color(),
+                      alpha=0.2)
 
   def reference(ax, key, metric, style, label):
     vals = [r[key][metric] for r in references.values() if key in r]
