@@ -21,8 +21,9 @@ stage 2 left the other intervals of the flow map where stage 1 put them. Writes
   python benchmarks/two_step.py --experiment=digits --seed=0 --step=1200
   python benchmarks/two_step.py --experiment=digits_text --seed=0 --step=1200  # + captions
 
-With captions (digits_text) each path's caption agreement is read too: whether the second jump
-keeps the words asked for.
+With captions (digits_text) each path's caption agreement is read too, and the samples' mean
+stroke mass (the ink the stroke words are cut from): whether the second jump keeps the words
+asked for, and if not, which way it moves them.
 """
 import json
 import os
@@ -38,6 +39,8 @@ from absl import logging  # noqa: E402
 # hd_curves' flags (--experiment, --variant, --set, --workdir, --out, --variants, --weights...).
 from benchmarks import hd_curves  # noqa: E402
 from benchmarks import hd_table  # noqa: E402
+from hierdistill.data import digits_text as text_lib  # noqa: E402
+import numpy as np  # noqa: E402
 
 _SEED = flags.DEFINE_integer("seed", 0, "The seed whose runs are read.")
 _STEP = flags.DEFINE_integer("step", 1200, "The stage-2 checkpoint read from each run.")
@@ -129,8 +132,10 @@ def main(argv):
   for model, params in models.items():
     for path, fn in fns.items():
       nfe = 1 if path == "1 step" else 2
-      row = driver.measure_row(ev, f"{model}: {path}", nfe, fn, params)[0]
+      row, samples = driver.measure_row(ev, f"{model}: {path}", nfe, fn, params)
       row.update(model_name=model, path=path)
+      if "caption_agreement" in row:  # the ink a path leaves: the stroke words are cut from it
+        row["stroke_mass"] = float(np.mean(text_lib.measure_attributes(samples)[:, 0]))
       rows.append(row)
       words = (f" caption_agreement {row['caption_agreement']:.3f}"
                if "caption_agreement" in row else "")
@@ -150,11 +155,11 @@ def main(argv):
              if r["model_name"] == model and r["path"] == p]
     lines.append(f"| {model} | " + " | ".join(cells) + " |")
   if "caption_agreement" in rows[0]:  # text: whether each path keeps the words asked for
-    lines += ["", "Caption agreement (stroke / slant alone) by sampling path", "",
-              "| model | " + " | ".join(paths) + " |", "|---" + "|---:" * len(paths) + "|"]
+    lines += ["", "Caption agreement (stroke / slant alone; mean stroke mass) by sampling path",
+              "", "| model | " + " | ".join(paths) + " |", "|---" + "|---:" * len(paths) + "|"]
     for model in models:
       cells = [f"{r['caption_agreement']:.3f} ({r['stroke_agreement']:.2f} / "
-               f"{r['slant_agreement']:.2f})" for p in paths for r in rows
+               f"{r['slant_agreement']:.2f}; {r['stroke_mass']:.1f})" for p in paths for r in rows
                if r["model_name"] == model and r["path"] == p]
       lines.append(f"| {model} | " + " | ".join(cells) + " |")
   keys = list(next(iter(residuals.values())))
