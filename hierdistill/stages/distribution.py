@@ -95,10 +95,10 @@ class DistributionStage:
     drawn with probability config.two_step_fraction, else 0 (one step), and for the re-noised
     path its fresh noise; {} when the lever is off. With config.two_step_mid_spread = s > 0 each
     two-step row's m is drawn uniformly from [mid - s, mid + s] instead: a schedule of the
-    path, so that no single intermediate time is the only one trained. Stage 2 trains u(e, 0, 1) only, and the
-    intervals two-step sampling reads drift with the shared weights (benchmarks/README,
-    two_step.py): these rows put DMD and the adversarial term on a two-step path too, and the
-    fake network and the head learn from both kinds of sample."""
+    path, so that no single intermediate time is the only one trained. Stage 2 trains
+    u(e, 0, 1) only, and the intervals two-step sampling reads drift with the shared weights
+    (benchmarks/README, two_step.py): these rows put DMD and the adversarial term on a two-step
+    path too, and the fake network and the head learn from both kinds of sample."""
     fraction = float(self.cfg.get("two_step_fraction", 0.0))
     if fraction <= 0:
       return {}
