@@ -80,6 +80,18 @@ def samplers(chain, mids: list[float]) -> dict:
   return out
 
 
+def stroke_words(samples, asks, thresholds) -> dict:
+  """{'stroke_mass': the samples' mean ink, 'stroke_confusion': [asked][measured] shares of the
+  stroke words (thin, regular, bold)}: which way a path moves the words it loses."""
+  attributes = text_lib.measure_attributes(samples)
+  measured = text_lib.bucket(attributes, asks[:, 0], thresholds)[:, 0]
+  counts = np.zeros((3, 3))
+  np.add.at(counts, (asks[:, 1], measured), 1)
+  shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+  return {"stroke_mass": float(np.mean(attributes[:, 0])),
+          "stroke_confusion": np.round(shares, 3).tolist()}
+
+
 def meanflow_residuals(chain, params, intervals, n: int = 512) -> dict:
   """{'(r, t)': mean squared MeanFlow residual per element} of params on each interval, on the
   first n training examples with fixed noise."""
@@ -135,7 +147,7 @@ def main(argv):
       row, samples = driver.measure_row(ev, f"{model}: {path}", nfe, fn, params)
       row.update(model_name=model, path=path)
       if "caption_agreement" in row:  # the ink a path leaves: the stroke words are cut from it
-        row["stroke_mass"] = float(np.mean(text_lib.measure_attributes(samples)[:, 0]))
+        row.update(stroke_words(samples, ev.asks, chain.source.thresholds))
       rows.append(row)
       words = (f" caption_agreement {row['caption_agreement']:.3f}"
                if "caption_agreement" in row else "")
@@ -161,6 +173,13 @@ def main(argv):
       cells = [f"{r['caption_agreement']:.3f} ({r['stroke_agreement']:.2f} / "
                f"{r['slant_agreement']:.2f}; {r['stroke_mass']:.1f})" for p in paths for r in rows
                if r["model_name"] == model and r["path"] == p]
+      lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    lines += ["", "Stroke words measured, by the word asked: thin / regular / bold asked, each "
+              "as the shares measured thin-regular-bold", "",
+              "| model | " + " | ".join(paths) + " |", "|---" + "|---" * len(paths) + "|"]
+    for model in models:
+      cells = [" / ".join("-".join(f"{v:.2f}" for v in asked) for asked in r["stroke_confusion"])
+               for p in paths for r in rows if r["model_name"] == model and r["path"] == p]
       lines.append(f"| {model} | " + " | ".join(cells) + " |")
   keys = list(next(iter(residuals.values())))
   lines += ["", "MeanFlow residual (per element) by interval (r, t)", "",
