@@ -22,8 +22,9 @@ stage 2 left the other intervals of the flow map where stage 1 put them. Writes
   python benchmarks/two_step.py --experiment=digits_text --seed=0 --step=1200  # + captions
 
 With captions (digits_text) each path's caption agreement is read too, and the samples' mean
-stroke mass (the ink the stroke words are cut from): whether the second jump keeps the words
-asked for, and if not, which way it moves them.
+stroke mass (the ink the stroke words are cut from) and the stroke words measured against
+those asked: whether the second jump keeps the words asked for, and if not, which way it moves
+them; and the ink each model's jump (0, m) gives real digits noised to m.
 """
 import json
 import os
@@ -92,6 +93,25 @@ def stroke_words(samples, asks, thresholds) -> dict:
           "stroke_confusion": np.round(shares, 3).tolist()}
 
 
+def data_jump_stroke_mass(chain, params, mids, n: int = 1024) -> dict:
+  """{'m': mean stroke mass of z_m - m u(z_m, 0, m)} with z_m = (1 - m) x + m e, x the first n
+  training digits with their captions: the ink the jump (0, m) adds to real data noised to m,
+  whatever a sampler would have fed it (their own mass: key 'data')."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from hierdistill import sampling  # pylint: disable=g-import-not-at-top
+  x = jnp.asarray(chain.source.x[:n], jnp.float32)
+  c = jax.tree.map(lambda a: jnp.asarray(a[:n]), chain.source.encoded)
+  e = jax.random.normal(jax.random.PRNGKey(20261207), x.shape)
+  mass = lambda a: float(np.mean(text_lib.measure_attributes(np.asarray(a))[:, 0]))
+  out = {"data": mass(x)}
+  for m in mids:
+    z = (1.0 - m) * x + m * e
+    u = sampling.apply_model(chain.nets.student, params, z, jnp.zeros((n,)), jnp.full((n,), m), c)
+    out[f"{m:g}"] = mass(z - m * u.astype(z.dtype))
+  return out
+
+
 def meanflow_residuals(chain, params, intervals, n: int = 512) -> dict:
   """{'(r, t)': mean squared MeanFlow residual per element} of params on each interval, on the
   first n training examples with fixed noise."""
@@ -158,7 +178,11 @@ def main(argv):
   # --lever reads that lever's runs: their own files, beside the plain runs'.
   lever = flags.FLAGS.lever
   name = "two_step" + (("_" + lever).replace(" ", "_") if lever else "")
-  hd_curves.save_json({"rows": rows, "meanflow_residuals": residuals},
+  # With captions: the ink each model's jump (0, m) adds to real digits noised to m.
+  data_jumps = ({model: data_jump_stroke_mass(chain, params, mids)
+                 for model, params in models.items()} if "caption_agreement" in rows[0] else {})
+  hd_curves.save_json({"rows": rows, "meanflow_residuals": residuals,
+                       "data_jump_stroke_mass": data_jumps},
                       os.path.join(out_dir, name + ".json"))
   paths = list(fns)
   lines = ["| model | " + " | ".join(paths) + " |", "|---" + "|---:" * len(paths) + "|"]
@@ -181,6 +205,12 @@ def main(argv):
       cells = [" / ".join("-".join(f"{v:.2f}" for v in asked) for asked in r["stroke_confusion"])
                for p in paths for r in rows if r["model_name"] == model and r["path"] == p]
       lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    keys = list(next(iter(data_jumps.values())))
+    lines += ["", "Mean stroke mass of the jump (0, m) from training digits noised to m "
+              "(column 'data': the digits' own)", "",
+              "| model | " + " | ".join(keys) + " |", "|---" + "|---:" * len(keys) + "|"]
+    for model, masses in data_jumps.items():
+      lines.append(f"| {model} | " + " | ".join(f"{masses[k]:.2f}" for k in keys) + " |")
   keys = list(next(iter(residuals.values())))
   lines += ["", "MeanFlow residual (per element) by interval (r, t)", "",
             "| model | " + " | ".join(keys) + " |", "|---" + "|---:" * len(keys) + "|"]
