@@ -347,9 +347,10 @@ def summarise(runs: dict, costs: dict, references: dict) -> str:
   fd = hd_table.METRICS[hd_table._EXPERIMENT.value][0]
   teacher = np.mean([r["teacher"][fd] for r in references.values()]) if references else math.nan
   marks = sorted({s for s in (100, 400, 800, _STEPS.value) if s <= _STEPS.value})
+  captioned = _captioned(runs)
   head = ([f"{fd} 1 step @ {s}" for s in marks] + [f"{fd} 2 steps @ {_STEPS.value}",
           f"recall @ {_STEPS.value}", f"class_tv @ {_STEPS.value}"]
-          + [f"caption agreement 1 / 2 steps @ {_STEPS.value}"] * _captioned(runs)
+          + [f"caption agreement 1 / 2 steps @ {_STEPS.value}"] * captioned
           + [f"first step <= its seed's teacher (mean {teacher:.2f})", "stage-2 fwd/step", "seeds",
           "train_s"])
   lines = ["| run | " + " | ".join(head) + " |", "|---" + "|---:" * len(head) + "|"]
@@ -368,7 +369,7 @@ def summarise(runs: dict, costs: dict, references: dict) -> str:
     cells = [at(records, fd, 1, s) for s in marks]
     cells += [at(records, fd, 2, _STEPS.value), at(records, "recall", 1, _STEPS.value),
               at(records, "class_tv", 1, _STEPS.value)]
-    if _captioned(runs):
+    if captioned:
       cells.append(" / ".join(at(records, "caption_agreement", n, _STEPS.value) for n in (1, 2)))
     firsts = []
     for r in records:

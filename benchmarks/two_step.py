@@ -100,8 +100,7 @@ def data_jump_stroke_mass(chain, params, mids, n: int = 1024) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from hierdistill import sampling  # pylint: disable=g-import-not-at-top
-  x = jnp.asarray(chain.source.x[:n], jnp.float32)
-  c = jax.tree.map(lambda a: jnp.asarray(a[:n]), chain.source.encoded)
+  x, c = training_examples(chain, n)
   e = jax.random.normal(jax.random.PRNGKey(20261207), x.shape)
   mass = lambda a: float(np.mean(text_lib.measure_attributes(np.asarray(a))[:, 0]))
   out = {"data": mass(x)}
@@ -112,6 +111,16 @@ def data_jump_stroke_mass(chain, params, mids, n: int = 1024) -> dict:
   return out
 
 
+def training_examples(chain, n: int):
+  """(x, c) of the first n training examples, c the conditions the stages train with: the
+  captions' encodings for text, else the labels."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  conditions = getattr(chain.source, "encoded", chain.source.y)
+  return (jnp.asarray(chain.source.x[:n], jnp.float32),
+          jax.tree.map(lambda a: jnp.asarray(a[:n]), conditions))
+
+
 def meanflow_residuals(chain, params, intervals, n: int = 512) -> dict:
   """{'(r, t)': mean squared MeanFlow residual per element} of params on each interval, on the
   first n training examples with fixed noise."""
@@ -120,10 +129,7 @@ def meanflow_residuals(chain, params, intervals, n: int = 512) -> dict:
   from hierdistill.stages.trajectory import TrajectoryStage  # pylint: disable=g-import-not-at-top
   stage = TrajectoryStage(chain.config, chain.nets.student, chain.nets.teacher,
                           chain.nets.conditions)
-  # The conditions the stages train with: the captions' encodings for text, else the labels.
-  conditions = getattr(chain.source, "encoded", chain.source.y)
-  x = jnp.asarray(chain.source.x[:n], jnp.float32)
-  c = jax.tree.map(lambda a: jnp.asarray(a[:n]), conditions)
+  x, c = training_examples(chain, n)
   noise = jax.random.normal(jax.random.PRNGKey(20261206), x.shape)
   out = {}
   for r, t in intervals:

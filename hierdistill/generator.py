@@ -194,10 +194,7 @@ class Generator:
       if self.role != "student":
         raise ValueError("times is a student's (flow map's) time grid; a teacher takes "
                          "num_steps: drop times (or load the student).")
-      times = sampling.check_times(times)
-      if num_steps is not None and num_steps != len(times) - 1:
-        raise ValueError(f"num_steps={num_steps} and times={times} ({len(times) - 1} steps) "
-                         "disagree; give one of them.")
+      times = sampling.check_times(times, num_steps)
       num_steps = len(times) - 1
     if num_steps is None:
       num_steps = 1 if self.role == "student" else int(self.sample_config["teacher_steps"])

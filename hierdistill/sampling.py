@@ -93,14 +93,18 @@ def flow_shift(t, shift: float):
 
 
 def _integrate(step: Callable[[Array, Array, Array], Array], noise: Array, num_steps: int,
-               t_start, t_end, shift: float = 1.0) -> Array:
+               t_start, t_end, shift: float = 1.0,
+               times: Optional[Sequence[float]] = None) -> Array:
   """Runs z <- step(z, t_i, t_{i+1}) for i = 0..N-1 from z = noise, with t_i, t_{i+1}: (B,);
-  the uniform grid, warped by flow_shift when shift != 1."""
+  the uniform grid, warped by flow_shift when shift != 1, or the grid `times` (N + 1 values)."""
   num_steps = _check_num_steps(num_steps)
   z0 = _state(noise)
   b, dtype = z0.shape[0], z0.dtype
   time = _grid_time
-  if shift != 1.0:  # shift == 1 keeps the plain grid's program unchanged
+  if times is not None:
+    grid = jnp.asarray(times, dtype)
+    time = lambda i, *_: grid[i]
+  elif shift != 1.0:  # shift == 1 keeps the plain grid's program unchanged
     time = lambda *a: flow_shift(_grid_time(*a), jnp.asarray(shift, dtype))
 
   def body(i, z):
@@ -326,21 +330,16 @@ def flow_map_sample(u_fn: MeanVelocityFn, noise: Array, num_steps: int = 1, *,
   def step(z, t, r):
     return z - _per_sample(t - r, z) * _eval(u_fn, z, r, t)
 
-  if times is None:
-    return _integrate(step, noise, num_steps, t_start, t_end)
-  grid = check_times(times)
-  if num_steps not in (1, len(grid) - 1):  # 1: the default, left as it was
-    raise ValueError(f"num_steps={num_steps} and times={grid} ({len(grid) - 1} steps) disagree; "
-                     "give one of them.")
-  z = _state(noise)
-  for t, r in zip(grid[:-1], grid[1:]):  # a few jumps: unrolled, each its own (r, t)
-    z = step(z, jnp.full((z.shape[0],), t, z.dtype), jnp.full((z.shape[0],), r, z.dtype))
-  return z
+  if times is not None:
+    times = check_times(times, None if num_steps == 1 else num_steps)  # 1: the default
+    num_steps = len(times) - 1
+  return _integrate(step, noise, num_steps, t_start, t_end, times=times)
 
 
-def check_times(times: Sequence[float]) -> tuple[float, ...]:
+def check_times(times: Sequence[float], num_steps: Optional[int] = None) -> tuple[float, ...]:
   """A flow-map sampler's time grid as floats: from 1 (the noise) down to 0 (the data), strictly
-  decreasing, e.g. (1, 0.75, 0); ValueError naming what is wrong otherwise."""
+  decreasing, e.g. (1, 0.75, 0), and of num_steps + 1 values when num_steps is given;
+  ValueError naming what is wrong otherwise."""
   try:
     grid = tuple(float(t) for t in times)
   except (TypeError, ValueError):
@@ -350,6 +349,9 @@ def check_times(times: Sequence[float]) -> tuple[float, ...]:
                      "e.g. 1,0.75,0.")
   if any(a <= b for a, b in zip(grid[:-1], grid[1:])):
     raise ValueError(f"times={grid}: the times must decrease strictly, e.g. 1,0.75,0.")
+  if num_steps is not None and num_steps != len(grid) - 1:
+    raise ValueError(f"num_steps={num_steps} and times={grid} ({len(grid) - 1} steps) disagree; "
+                     "give one of them.")
   return grid
 
 
